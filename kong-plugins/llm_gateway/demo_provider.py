@@ -1,0 +1,78 @@
+"""The built-in demo provider: an OpenAI-compatible endpoint inside the plugin server, so a fresh gateway
+answers without any API key. Deployments with ``model: demo/<name>`` reach it through LiteLLM's OpenAI
+provider exactly like a real provider, over HTTP on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+WORD_DELAY = 0.02  # seconds between streamed words, so a demo stream visibly streams
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _reply(body: dict[str, Any]) -> tuple[list[str], int]:
+    messages = body.get("messages") or []
+    prompt_words = sum(len(_text_of(m.get("content")).split()) for m in messages if isinstance(m, dict))
+    last = next((_text_of(m.get("content")) for m in reversed(messages)
+                 if isinstance(m, dict) and m.get("role") == "user"), "")
+    echo = " ".join(last.split()[:30])
+    words = f"Hello from the kong-llm-gateway demo provider. You said: {echo}".split()
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(limit, int) and limit > 0:
+        words = words[:limit]
+    return [w if i == 0 else " " + w for i, w in enumerate(words)], max(prompt_words, 1)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        return web.json_response({"error": {"message": "invalid JSON", "type": "invalid_request_error"}},
+                                 status=400)
+    pieces, prompt_tokens = _reply(body)
+    base = {"id": f"chatcmpl-demo-{uuid.uuid4().hex[:12]}", "created": int(time.time()),
+            "model": body.get("model", "demo")}
+    if not body.get("stream"):
+        return web.json_response({**base, "object": "chat.completion", "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "finish_reason": "stop",
+        }], "usage": _usage(prompt_tokens, len(pieces))})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    chunk = {**base, "object": "chat.completion.chunk"}
+
+    async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+        await response.write(b"data: " + json.dumps({**chunk, "choices": choices, **extra}).encode() + b"\n\n")
+
+    await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    for piece in pieces:
+        await asyncio.sleep(WORD_DELAY)
+        await send([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+    await send([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await send([], usage=_usage(prompt_tokens, len(pieces)))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+def demo_app() -> web.Application:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    return app

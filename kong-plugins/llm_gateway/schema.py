@@ -1,0 +1,71 @@
+"""The plugin's Kong schema and the plugin info Kong's ``query_cmd`` expects.
+
+The schema is Kong's Lua schema language written as data (``kong/db/schema/init.lua``): Kong validates every
+kong.yml against it at load time, so a bad configuration is refused before a request ever reaches Python.
+Validation that Kong's language cannot express (unique alias names, for instance) is repeated in
+``config.py``, which is also what turns this data into typed settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llm_gateway import PLUGIN_NAME, PLUGIN_PRIORITY, PLUGIN_VERSION
+
+PHASES = ["access"]  # never "response": Kong would then buffer the whole upstream response, streams included
+
+DEPLOYMENT_FIELDS: list[dict[str, Any]] = [
+    {"model": {
+        "type": "string", "required": True,
+        "description": "Provider model in LiteLLM's format, e.g. openai/gpt-4o-mini, anthropic/claude-3-5-haiku-"
+                       "latest; demo/<name> is the built-in demo provider.",
+    }},
+    {"api_base": {"type": "string", "description": "Override of the provider's base URL."}},
+    {"api_key_env": {
+        "type": "string", "match": "^[A-Za-z_][A-Za-z0-9_]*$",
+        "description": "Name of the environment variable (of the plugin server) that holds the API key.",
+    }},
+    {"api_key": {
+        "type": "string", "referenceable": True, "encrypted": True, "starts_with": "{vault://",
+        "description": "A Kong vault reference to the API key, e.g. {vault://env/openai-api-key}. Literal keys "
+                       "are refused: keys do not belong in kong.yml.",
+    }},
+    {"timeout": {
+        "type": "number", "default": 60, "gt": 0,
+        "description": "Seconds allowed for one provider call (time to the first byte for streams).",
+    }},
+]
+
+CONFIG_FIELDS: list[dict[str, Any]] = [
+    {"models": {
+        "type": "array", "required": True, "len_min": 1,
+        "description": "The model aliases this route offers; clients send the alias as 'model'.",
+        "elements": {"type": "record", "fields": [
+            {"name": {"type": "string", "required": True, "match": "^[A-Za-z0-9][A-Za-z0-9._:/-]*$"}},
+            {"deployments": {
+                "type": "array", "required": True, "len_min": 1,
+                "elements": {"type": "record", "fields": DEPLOYMENT_FIELDS},
+            }},
+        ]},
+    }},
+    {"max_body_bytes": {
+        "type": "integer", "default": 1048576, "between": [1024, 67108864],
+        "description": "Largest request body accepted; larger ones get 413.",
+    }},
+]
+
+
+def kong_schema() -> dict[str, Any]:
+    """The plugin entity schema, as Kong's plugin loader wants it."""
+    return {"name": PLUGIN_NAME, "fields": [{"config": {"type": "record", "fields": CONFIG_FIELDS}}]}
+
+
+def plugin_info() -> list[dict[str, Any]]:
+    """What ``query_cmd`` prints: Kong 3.9 reads only the first entry (process.lua)."""
+    return [{
+        "Name": PLUGIN_NAME,
+        "Priority": PLUGIN_PRIORITY,
+        "Version": PLUGIN_VERSION,
+        "Schema": kong_schema(),
+        "Phases": PHASES,
+    }]

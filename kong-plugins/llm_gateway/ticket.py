@@ -1,0 +1,101 @@
+"""Hand-off tickets: proof that a request reaching the loopback listener went through Kong's access phase.
+
+Kong fails open (a plugin-server error lets the request through to the Service), and anything on the host can
+reach a loopback port, so the listener trusts nothing but a ticket: an HMAC, keyed by a secret born in this
+process, over the config the request was admitted under, a single-use nonce, an expiry, the consumer, and the
+SHA-256 of the body. Bodies too large for the access phase to read are marked unbound; the listener answers
+those with 413 whatever they contain.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+
+HEADER = "X-LLM-Gateway-Ticket"
+VERSION = "v1"
+UNBOUND = "-"
+
+
+class TicketError(Exception):
+    """The ticket is missing, malformed, forged, expired, replayed, or bound to another request."""
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What a verified ticket vouches for."""
+
+    config_key: str
+    consumer_id: str
+    consumer_username: str
+    body_bound: bool
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _unb64(text: str) -> str:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+
+
+class TicketBook:
+    """Mints and checks tickets. One per process; the secret never leaves memory."""
+
+    def __init__(self, ttl_seconds: float = 30.0, secret: bytes | None = None) -> None:
+        self.ttl = ttl_seconds
+        self._secret = secret or secrets.token_bytes(32)
+        self._used: set[str] = set()
+        self._used_order: deque[tuple[float, str]] = deque()
+
+    def _mac(self, payload: str, body_digest: str) -> str:
+        mac = hmac.new(self._secret, f"{payload}|{body_digest}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+    def mint(self, config_key: str, body: bytes | None, consumer: dict | None) -> str:
+        """A ticket for this request; ``body`` is None when the access phase could not read it (too large)."""
+        consumer = consumer or {}
+        expires = f"{time.time() + self.ttl:.3f}"
+        fields = [VERSION, config_key, secrets.token_urlsafe(12), expires,
+                  _b64(str(consumer.get("id") or "")), _b64(str(consumer.get("username") or "")),
+                  "b" if body is not None else "u"]
+        payload = ".".join(fields)
+        digest = hashlib.sha256(body).hexdigest() if body is not None else UNBOUND
+        return f"{payload}.{self._mac(payload, digest)}"
+
+    def verify(self, ticket: str | None, body: bytes) -> Claims:
+        """Check a ticket against the body received; consumes it (single use)."""
+        if not ticket:
+            raise TicketError("missing ticket")
+        parts = ticket.split(".")
+        if len(parts) != 8 or parts[0] != VERSION or parts[6] not in ("b", "u"):
+            raise TicketError("malformed ticket")
+        payload, mac = ".".join(parts[:7]), parts[7]
+        digest = hashlib.sha256(body).hexdigest() if parts[6] == "b" else UNBOUND
+        if not hmac.compare_digest(mac, self._mac(payload, digest)):
+            raise TicketError("ticket does not match this request")
+        now = time.time()
+        try:
+            expires = float(parts[3])
+        except ValueError as exc:
+            raise TicketError("malformed ticket") from exc
+        if expires < now:
+            raise TicketError("expired ticket")
+        self._forget_expired(now)
+        nonce = parts[2]
+        if nonce in self._used:
+            raise TicketError("ticket already used")
+        self._used.add(nonce)
+        self._used_order.append((expires, nonce))
+        return Claims(config_key=parts[1], consumer_id=_unb64(parts[4]), consumer_username=_unb64(parts[5]),
+                      body_bound=parts[6] == "b")
+
+    def _forget_expired(self, now: float) -> None:
+        """Nonces only need remembering until their ticket would have expired anyway."""
+        while self._used_order and self._used_order[0][0] < now:
+            self._used.discard(self._used_order.popleft()[1])
