@@ -64,7 +64,11 @@ def _call_args(deployment: Deployment, params: dict[str, Any]) -> dict[str, Any]
         api_base, api_key = _demo_base, DEMO_API_KEY
     else:
         model, api_base, api_key = deployment.model, deployment.api_base, deployment.api_key
-    args = dict(params, model=model, timeout=deployment.timeout, max_retries=0, num_retries=0)
+    # Retries are the gateway's decision, not the SDK's (the OpenAI SDK would otherwise retry twice).
+    # chat_request only admits function tools, so LiteLLM's MCP bridge never applies: skipping it also
+    # spares importing the optional `mcp` package on every call that has tools.
+    args = dict(params, model=model, timeout=deployment.timeout, max_retries=0, num_retries=0,
+                _skip_mcp_handler=True)
     if api_base:
         args["api_base"] = api_base
     if api_key:

@@ -142,7 +142,7 @@ class PluginServer:
         return {"Name": instance.name, "Id": iid, "Config": instance.config}
 
     async def rpc_GetStatus(self, *_: Any) -> dict[str, Any]:
-        return {"Pid": os.getpid(), "Plugins": {self.name: {
+        return {"Pid": os.getpid(), "Events": len(self.events), "Plugins": {self.name: {
             "Name": self.name, "Instances": [
                 {"Name": i.name, "Id": i.id, "Config": i.config, "StartTime": i.started}
                 for i in self.instances.values()

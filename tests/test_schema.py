@@ -1,0 +1,148 @@
+"""The plugin as Kong loads it: query_cmd output, the config schema, and the shipped kong.yml."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kong_schema import validate_plugin_config
+
+from llm_gateway.config import ConfigError, parse_config
+from llm_gateway.schema import kong_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"models": [{"name": "chat", "deployments": [{"model": "openai/gpt-4o-mini", "api_key_env": "OPENAI_KEY"}]}]}
+
+
+def _dump() -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llm_gateway", "dump"], capture_output=True, text=True,
+                          check=True, cwd=ROOT)
+
+
+def test_query_cmd_prints_exactly_what_kong_decodes() -> None:
+    out = _dump()
+    info = json.loads(out.stdout)  # process.lua decodes the whole of stdout
+    assert isinstance(info, list) and len(info) == 1  # Kong 3.9 reads only the first entry
+    entry = info[0]
+    assert set(entry) == {"Name", "Priority", "Version", "Schema", "Phases"}
+    assert entry["Name"] == "llm-gateway"
+    assert isinstance(entry["Priority"], int) and entry["Priority"] < 910  # runs after rate-limiting
+    assert re.fullmatch(r"\d+\.\d+\.\d+", entry["Version"])
+    assert entry["Phases"] == ["access"]  # "response" would make Kong buffer streams
+    assert entry["Schema"]["name"] == "llm-gateway"
+    assert out.stderr == ""
+
+
+def test_query_cmd_does_not_import_litellm() -> None:
+    """query_cmd runs in every Kong process that loads schemas: it must not pay LiteLLM's 3-4 s import."""
+    code = ("import sys, io, contextlib; from llm_gateway.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['dump'])\n"
+            "print('litellm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_schema_descriptions_fit_kongs_metaschema() -> None:
+    """Kong's metaschema wants descriptions of 10 to 500 characters."""
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("description"), str):
+                assert 10 <= len(node["description"]) <= 500
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(kong_schema())
+
+
+def test_good_config_gets_kongs_defaults() -> None:
+    filled, errors = validate_plugin_config(kong_schema(), GOOD)
+    assert errors is None
+    assert filled["max_body_bytes"] == 1048576
+    assert filled["models"][0]["deployments"][0]["timeout"] == 60
+
+
+def _with(path: list[str | int], value: object) -> dict:
+    config = copy.deepcopy(GOOD)
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return config
+
+
+DEPLOYMENT = ["models", 0, "deployments", 0]
+REJECTED = [
+    ("no models", _with(["models"], KeyError), {"models": "required field missing"}),
+    ("empty models", _with(["models"], []), {"models": "length must be at least 1"}),
+    ("alias without deployments", _with(["models", 0, "deployments"], []), None),
+    ("deployment without model", _with([*DEPLOYMENT, "model"], KeyError), None),
+    ("literal api key", _with([*DEPLOYMENT, "api_key"], "sk-live-abcdefghijklmnop"), None),
+    ("negative timeout", _with([*DEPLOYMENT, "timeout"], -1), None),
+    ("timeout as text", _with([*DEPLOYMENT, "timeout"], "soon"), None),
+    ("bad env var name", _with([*DEPLOYMENT, "api_key_env"], "OPENAI KEY"), None),
+    ("body limit too small", _with(["max_body_bytes"], 10), None),
+    ("unknown field", _with(["modles"], []), {"modles": "unknown field"}),
+    ("alias name with spaces", _with(["models", 0, "name"], "my model"), None),
+]
+
+
+@pytest.mark.parametrize(("case", "config", "expected"), REJECTED, ids=[c[0] for c in REJECTED])
+def test_kong_refuses_bad_configs(case: str, config: dict, expected: dict | None) -> None:
+    filled, errors = validate_plugin_config(kong_schema(), config)
+    assert filled is None, f"{case} was accepted"
+    if expected is not None:
+        assert errors == expected
+
+
+def test_vault_reference_is_accepted_and_literal_refused() -> None:
+    ok, _ = validate_plugin_config(kong_schema(), _with([*DEPLOYMENT, "api_key"], "{vault://env/openai-key}"))
+    assert ok is not None
+
+
+def test_parse_config_repeats_what_kong_cannot_express() -> None:
+    twice = copy.deepcopy(GOOD)
+    twice["models"].append(copy.deepcopy(GOOD["models"][0]))
+    with pytest.raises(ConfigError, match="defined twice"):
+        parse_config(twice)
+    with pytest.raises(ConfigError, match="vault reference was not resolved"):
+        parse_config(_with([*DEPLOYMENT, "api_key"], "{vault://env/x}"))
+    with pytest.raises(ConfigError, match=r"models\[0\]\.deployments\[0\]\.model"):
+        parse_config(_with([*DEPLOYMENT, "model"], "gpt-4o"))
+
+
+def test_parse_config_reads_keys_from_the_environment_once() -> None:
+    parsed = parse_config(GOOD, env={"OPENAI_KEY": "from-env"})
+    deployment = parsed.models["chat"].deployments[0]
+    assert deployment.api_key == "from-env"
+    assert "from-env" not in repr(deployment)  # a secret never reaches a log line through repr
+
+
+def test_config_key_ignores_kongs_markers() -> None:
+    marked = dict(GOOD, __seq__=3, __plugin_id="abc", __key__="k")
+    assert parse_config(marked).key == parse_config(GOOD).key
+
+
+def test_shipped_kong_yml_is_valid() -> None:
+    """kong.yml: key-auth and rate-limiting in front of our plugin, whose config Kong would accept."""
+    doc = yaml.safe_load((ROOT / "kong.yml").read_text())
+    assert doc["_format_version"] == "3.0"
+    plugins = [p for s in doc["services"] for r in s.get("routes", []) for p in r.get("plugins", [])]
+    names = [p["name"] for p in plugins]
+    assert {"key-auth", "rate-limiting", "llm-gateway"} <= set(names)
+    ours = next(p for p in plugins if p["name"] == "llm-gateway")
+    filled, errors = validate_plugin_config(kong_schema(), ours["config"])
+    assert errors is None, errors
+    parsed = parse_config(filled)
+    assert any(d.is_demo for a in parsed.models.values() for d in a.deployments)
+    assert doc["consumers"], "demo consumers are part of the example"
