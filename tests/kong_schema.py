@@ -53,7 +53,8 @@ def _validate_value(field: dict[str, Any], value: Any) -> Any:
             return Invalid(f"expected one of: {', '.join(field['one_of'])}")
     if kind in ("integer", "number"):
         if "between" in field and not field["between"][0] <= value <= field["between"][1]:
-            return Invalid("value should be between %d and %d" % tuple(field["between"]))
+            lo, hi = field["between"]
+            return Invalid(f"value should be between {lo} and {hi}")
         if "gt" in field and not value > field["gt"]:
             return Invalid(f"value must be greater than {field['gt']}")
     if kind == "array":

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kong_schema import validate_plugin_config
 
+from kong_schema import validate_plugin_config
 from llm_gateway.config import ConfigError, parse_config
 from llm_gateway.schema import kong_schema
 
