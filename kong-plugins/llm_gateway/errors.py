@@ -16,6 +16,7 @@ from typing import Any
 _URL = re.compile(r"\b(?:https?|wss?|unix)://\S+", re.IGNORECASE)
 _KEYISH = re.compile(r"\b(?:sk|pk|rk|key|sess)[-_][A-Za-z0-9_\-]{8,}|\b[A-Za-z0-9_\-]{32,}\b")
 _LITELLM_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+Exception\s*-\s*)?", re.IGNORECASE)
+_UNSUPPORTED = re.compile(r"does not support parameters: \[([^\]]*)\]")
 DEFAULT_RETRY_AFTER = 1
 
 
@@ -89,6 +90,11 @@ def from_provider_exception(exc: BaseException) -> GatewayError:
 
     if isinstance(exc, GatewayError):
         return exc
+    if isinstance(exc, litellm.UnsupportedParamsError):
+        names = _UNSUPPORTED.search(str(exc))
+        listed = names.group(1).replace("'", "") if names else "some of the parameters sent"
+        return GatewayError(400, f"The model behind this alias does not support: {listed}.",
+                            code="unsupported_parameter")
     if isinstance(exc, litellm.ContextWindowExceededError):
         return GatewayError(400, _provider_message(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, litellm.ContentPolicyViolationError):

@@ -1,0 +1,108 @@
+"""Shared fixtures: a real mock provider, a real plugin server, and the Kong-side harness in front of it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from kong_harness import KongHarness, PluginServerProcess, start_plugin_server
+from mock_provider import MockProvider
+
+# generated per run, so a leak check can search every response and log for them
+PROVIDER_KEY = "mock-provider-key-" + secrets.token_hex(12)
+WRONG_PROVIDER_KEY = "wrong-provider-key-" + secrets.token_hex(12)
+ALICE_KEY = "test-key-alice-" + secrets.token_hex(6)
+BOB_KEY = "test-key-bob-" + secrets.token_hex(6)
+CONSUMERS = {
+    ALICE_KEY: {"id": "8f3a6c1e-8d2b-4b7e-9a57-1c0d9e2f4a11", "username": "alice", "custom_id": None},
+    BOB_KEY: {"id": "2b9d7e44-1a6f-4c3d-8e21-7f5a0b6c9d22", "username": "bob", "custom_id": "team-b"},
+}
+TICKET_TTL = 3.0
+MAX_BODY_BYTES = 64 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alias(name: str, model: str, api_base: str, **extra: Any) -> dict[str, Any]:
+    deployment = {"model": model, "api_base": api_base, "api_key_env": "MOCK_PROVIDER_KEY", **extra}
+    return {"name": name, "deployments": [deployment]}
+
+
+def gateway_config(mock: MockProvider) -> dict[str, Any]:
+    """The route's plugin config in the tests: one alias per provider behaviour under test."""
+    oa, an = mock.openai_base, mock.anthropic_base
+    return {
+        "max_body_bytes": MAX_BODY_BYTES,
+        "models": [
+            _alias("gpt-mock", "openai/mock-gpt", oa),
+            _alias("gpt-4o-mini", "openai/gpt-4o-mini", oa),  # a catalog model: LiteLLM forwards `user` for it
+            _alias("o3-mini", "openai/o3-mini", oa),  # a reasoning model: reasoning_effort applies
+            _alias("gpt-tools", "openai/mock-gpt-tool", oa),
+            _alias("claude-mock", "anthropic/mock-claude", an),
+            _alias("claude-tools", "anthropic/mock-claude-tool", an),
+            {"name": "demo", "deployments": [{"model": "demo/echo"}]},
+            _alias("slow-300", "openai/mock-slow-300", oa),
+            _alias("rate-limited", "openai/mock-err-429-ra-7", oa),
+            _alias("provider-500", "openai/mock-err-500", oa),
+            _alias("provider-503", "openai/mock-err-503", oa),
+            _alias("provider-400", "openai/mock-err-400", oa),
+            {"name": "wrong-key", "deployments": [
+                {"model": "openai/mock-gpt", "api_base": oa, "api_key_env": "WRONG_PROVIDER_KEY"}]},
+            {"name": "provider-down", "deployments": [
+                {"model": "openai/mock-gpt", "api_base": f"http://127.0.0.1:{free_port()}/v1",
+                 "api_key_env": "MOCK_PROVIDER_KEY"}]},
+            _alias("too-slow", "openai/mock-slow-3000", oa, timeout=0.5),
+            _alias("cut-stream", "openai/mock-cut-3", oa),
+            _alias("cut-before-first", "openai/mock-cut-0", oa),
+            _alias("malformed", "openai/mock-malformed", oa),
+            _alias("claude-cut", "anthropic/mock-claude-cut-3", an),
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def mock_provider() -> Iterator[MockProvider]:
+    with MockProvider(required_key=PROVIDER_KEY) as mock:
+        yield mock
+
+
+@pytest.fixture(scope="session")
+def plugin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginServerProcess]:
+    socket_path = str(tmp_path_factory.mktemp("kong-prefix") / "llm-gateway.sock")
+    server = start_plugin_server(
+        socket_path, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
+        env={"MOCK_PROVIDER_KEY": PROVIDER_KEY, "WRONG_PROVIDER_KEY": WRONG_PROVIDER_KEY,
+             "LLM_GATEWAY_TICKET_TTL": str(TICKET_TTL)},
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kong(plugin_server: PluginServerProcess, mock_provider: MockProvider) -> Iterator[KongHarness]:
+    harness = KongHarness(plugin_server.socket_path, gateway_config(mock_provider), CONSUMERS,
+                          service_url=f"http://{plugin_server.listen}")
+    with harness:
+        yield harness
+
+
+@pytest.fixture
+def client(kong: KongHarness) -> openai.OpenAI:
+    """The OpenAI Python SDK, pointed at "Kong", authenticated with key-auth's apikey header."""
+    return openai.OpenAI(base_url=f"{kong.url}/v1", api_key="unused-by-key-auth", max_retries=0,
+                         default_headers={"apikey": ALICE_KEY})

@@ -1,0 +1,239 @@
+"""The plugin server as Kong meets it: the defects of kong-pdk's stock server must not be ours, and the
+hand-off to the listener must not be a way around Kong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import ALICE_KEY, CONSUMERS, TICKET_TTL, free_port
+from kong_harness import KongHarness, KongRPC, PluginServerProcess, RPCError
+
+HELLO = [{"role": "user", "content": "hello"}]
+BODY = json.dumps({"model": "gpt-mock", "messages": HELLO}).encode()
+ALICE = CONSUMERS[ALICE_KEY]
+TICKET = "X-LLM-Gateway-Ticket"
+
+
+def start_instance(rpc: KongRPC, config: dict[str, Any]) -> int:
+    conf = dict(config, __plugin_id="0b3a0f7e-1111-4222-8333-944445555666", __seq__=1, __key__="k")
+    return rpc.call("plugin.StartInstance", {"Name": "llm-gateway", "Config": json.dumps(conf)})["Id"]
+
+
+def run_access(rpc: KongRPC, instance_id: int, answers: dict[str, Any]) -> tuple[list[dict], Any]:
+    """Play Kong's bridge loop by hand: answer each PDK call from ``answers``; returns (calls, last Data)."""
+    step_methods = {"kong.client.get_consumer": "plugin.StepConsumer"}
+    reply = rpc.call("plugin.HandleEvent", {"InstanceId": instance_id, "EventName": "access"})
+    calls = []
+    while reply["Data"] != "ret":
+        call = reply["Data"]
+        calls.append(call)
+        if call["Method"] == "kong.response.exit":
+            return calls, call  # Kong ends the request: no further step
+        answer = answers.get(call["Method"])
+        reply = rpc.call(step_methods.get(call["Method"], "plugin.Step"),
+                         {"EventId": reply["EventId"], "Data": answer(call) if callable(answer) else answer})
+    return calls, "ret"
+
+
+def mint_ticket(rpc: KongRPC, instance_id: int, body: bytes = BODY, consumer: dict | None = None) -> str:
+    calls, _ = run_access(rpc, instance_id, {"kong.request.get_raw_body": body,
+                                             "kong.client.get_consumer": consumer or ALICE})
+    [set_header] = [c for c in calls if c["Method"] == "kong.service.request.set_header"]
+    assert set_header["Args"][0] == TICKET
+    return set_header["Args"][1]
+
+
+@pytest.fixture(scope="module")
+def rpc(plugin_server: PluginServerProcess) -> KongRPC:
+    return KongRPC(plugin_server.socket_path)
+
+
+@pytest.fixture(scope="module")
+def instance(rpc: KongRPC, kong: KongHarness) -> int:
+    return start_instance(rpc, kong.plugin_config)
+
+
+def listener_post(server: PluginServerProcess, body: bytes, ticket: str | None) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    if ticket is not None:
+        headers[TICKET] = ticket
+    return httpx.post(f"http://{server.listen}/v1/chat/completions", content=body, headers=headers, timeout=30)
+
+
+def test_access_phase_costs_three_pdk_calls(rpc: KongRPC, instance: int) -> None:
+    calls, end = run_access(rpc, instance, {"kong.request.get_raw_body": BODY, "kong.client.get_consumer": ALICE})
+    assert [c["Method"] for c in calls] == ["kong.request.get_raw_body", "kong.client.get_consumer",
+                                            "kong.service.request.set_header"]
+    assert end == "ret"
+
+
+def test_a_valid_ticket_is_served_once(rpc: KongRPC, instance: int, plugin_server: PluginServerProcess) -> None:
+    ticket = mint_ticket(rpc, instance)
+    assert listener_post(plugin_server, BODY, ticket).status_code == 200
+    replayed = listener_post(plugin_server, BODY, ticket)
+    assert replayed.status_code == 403 and replayed.json()["error"]["code"] == "gateway_bypass"
+
+
+def _forge(ticket: str) -> str:
+    head, mac = ticket.rsplit(".", 1)
+    return f"{head}.{mac[:-2]}{'AA' if mac[-2:] != 'AA' else 'BB'}"
+
+
+BYPASSES = {
+    "no ticket": lambda t: (BODY, None),
+    "garbage ticket": lambda t: (BODY, "v1.garbage"),
+    "forged mac": lambda t: (BODY, _forge(t)),
+    "other consumer": lambda t: (BODY, t.replace(t.split(".")[5], "Ym9i")),  # "bob"
+    "other body": lambda t: (BODY.replace(b"hello", b"HELLO"), t),
+    "client-supplied ticket header": lambda t: (BODY, "v1." + ".".join(["x"] * 7)),
+}
+
+
+@pytest.mark.parametrize("case", list(BYPASSES))
+def test_listener_refuses_requests_that_did_not_come_through_kong(
+        case: str, rpc: KongRPC, instance: int, plugin_server: PluginServerProcess) -> None:
+    body, ticket = BYPASSES[case](mint_ticket(rpc, instance))
+    response = listener_post(plugin_server, body, ticket)
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "gateway_bypass"
+
+
+def test_expired_ticket_is_refused(rpc: KongRPC, instance: int, plugin_server: PluginServerProcess) -> None:
+    ticket = mint_ticket(rpc, instance)
+    time.sleep(TICKET_TTL + 0.5)
+    assert listener_post(plugin_server, BODY, ticket).status_code == 403
+
+
+def test_a_client_cannot_smuggle_its_own_ticket_through_kong(kong: KongHarness) -> None:
+    """The access phase's set_header overwrites a ticket header sent by the client."""
+    response = httpx.post(f"{kong.url}/v1/chat/completions", json={"model": "demo", "messages": HELLO},
+                          headers={"apikey": ALICE_KEY, TICKET: "v1.attacker.supplied.ticket.x.y.b.mac"})
+    assert response.status_code == 200
+
+
+def test_handler_exception_is_a_clean_500_and_the_server_keeps_serving(
+        rpc: KongRPC, instance: int, kong: KongHarness) -> None:
+    # Kong answering the consumer lookup with something that is not a consumer makes the handler raise
+    _, end = run_access(rpc, instance, {"kong.request.get_raw_body": BODY,
+                                            "kong.client.get_consumer": "not-a-consumer"})
+    assert end != "ret" and end["Method"] == "kong.response.exit"
+    status, body, headers = end["Args"]
+    assert status == 500 and headers["Content-Type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert error["type"] == "server_error" and "Traceback" not in error["message"]
+    assert "not-a-consumer" not in body
+    # not wedged: the next request is served, through Kong
+    response = httpx.post(f"{kong.url}/v1/chat/completions", json={"model": "demo", "messages": HELLO},
+                          headers={"apikey": ALICE_KEY}, timeout=30)
+    assert response.status_code == 200
+
+
+def test_protocol_errors_are_answered_never_hung(rpc: KongRPC) -> None:
+    """An unknown instance, an unknown method, a step for no event: errors, never a hang."""
+    with pytest.raises(RPCError, match="no plugin instance"):
+        rpc.call("plugin.HandleEvent", {"InstanceId": 1, "EventName": "access"})
+    with pytest.raises(RPCError, match="not found"):
+        rpc.call("plugin.Step", {"EventId": 123456789, "Data": None})
+    with pytest.raises(RPCError, match="invalid llm-gateway config"):
+        start_instance(rpc, {"models": []})
+    assert rpc.call("plugin.GetStatus")["Pid"] > 0
+
+
+def test_concurrent_slow_requests_do_not_serialise(kong: KongHarness) -> None:
+    """8 requests whose provider answers in 300 ms: the stock server's global lock would take >= 2.4 s."""
+    def one(_: int) -> int:
+        return httpx.post(f"{kong.url}/v1/chat/completions", json={"model": "slow-300", "messages": HELLO},
+                          headers={"apikey": ALICE_KEY}, timeout=30).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(8)))  # warm the connection pools
+        started = time.monotonic()
+        statuses = list(pool.map(one, range(8)))
+        elapsed = time.monotonic() - started
+    assert statuses == [200] * 8
+    assert elapsed < 1.6, f"8 concurrent 300 ms requests took {elapsed:.2f} s: they were serialised"
+
+
+def test_no_event_state_is_left_after_1000_requests(rpc: KongRPC, instance: int) -> None:
+    """Completed, exited (handler error) and abandoned-by-exit events are all freed."""
+    before = rpc.call("plugin.GetStatus")["Events"]
+    good = {"kong.request.get_raw_body": BODY, "kong.client.get_consumer": ALICE}
+    bad = {"kong.request.get_raw_body": BODY, "kong.client.get_consumer": 42}
+
+    def one(i: int) -> None:
+        run_access(rpc, instance, bad if i % 10 == 0 else good)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(1000)))
+    assert rpc.call("plugin.GetStatus")["Events"] == before == 0
+
+
+def test_instances_close_and_unknown_ones_are_reported(rpc: KongRPC, kong: KongHarness) -> None:
+    iid = start_instance(rpc, kong.plugin_config)
+    assert rpc.call("plugin.CloseInstance", iid)["Id"] == iid
+    with pytest.raises(RPCError, match="no plugin instance"):
+        rpc.call("plugin.HandleEvent", {"InstanceId": iid, "EventName": "access"})
+
+
+def _spawn_server_under_a_parent(tmp_path: Path) -> tuple[subprocess.Popen, int, str]:
+    """A parent process that starts the plugin server the way Kong's worker does, then prints its pid."""
+    socket_path = str(tmp_path / "child.sock")
+    script = textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-m", "llm_gateway", "serve", "--socket", {socket_path!r},
+                                  "--listen", "127.0.0.1:{free_port()}", "--demo-listen", "127.0.0.1:{free_port()}"],
+                                 stderr=subprocess.DEVNULL)
+        print(child.pid, flush=True)
+        time.sleep(600)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "kong-plugins"))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    child_pid = int(parent.stdout.readline())
+    return parent, child_pid, socket_path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is dead
+        return stat.read().split(") ")[1][0] != "Z"
+
+
+def test_server_is_ready_before_kong_can_connect_and_exits_with_its_parent(tmp_path: Path) -> None:
+    parent, child, socket_path = _spawn_server_under_a_parent(tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(socket_path):
+            assert time.monotonic() < deadline, "the plugin server never listened"
+            time.sleep(0.05)
+        # the socket appears only once LiteLLM is imported and warmed up: the first event is answered at once
+        rpc = KongRPC(socket_path)
+        started = time.monotonic()
+        iid = start_instance(rpc, {"models": [{"name": "demo", "deployments": [{"model": "demo/echo"}]}]})
+        calls, _ = run_access(rpc, iid, {"kong.request.get_raw_body": BODY, "kong.client.get_consumer": ALICE})
+        assert len(calls) == 3 and time.monotonic() - started < 2
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child):
+            assert time.monotonic() < deadline, "the plugin server outlived its parent"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
