@@ -1,0 +1,39 @@
+"""No secret ever appears in a response or a log line: provider keys, consumer credentials, tickets.
+
+Runs the error paths most likely to leak (provider auth failure, unreachable provider, provider 400 echoing
+input, bypass attempts), then scans what clients got and everything the plugin server logged so far in this
+test session.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+
+from conftest import ALICE_KEY, BOB_KEY, PROVIDER_KEY, WRONG_PROVIDER_KEY
+from kong_harness import KongHarness, PluginServerProcess
+
+HELLO = [{"role": "user", "content": "hello"}]
+SECRETS = {"provider key": PROVIDER_KEY, "wrong provider key": WRONG_PROVIDER_KEY,
+           "alice's credential": ALICE_KEY, "bob's credential": BOB_KEY}
+
+
+def test_no_secret_in_responses_or_logs(kong: KongHarness, plugin_server: PluginServerProcess) -> None:
+    seen: list[str] = []
+    for model in ("wrong-key", "provider-down", "provider-400", "rate-limited", "demo", "no-such-model"):
+        for stream in (False, True):
+            response = httpx.post(f"{kong.url}/v1/chat/completions", timeout=30, headers={"apikey": ALICE_KEY},
+                                  json={"model": model, "messages": HELLO, "stream": stream})
+            seen.append(json.dumps(dict(response.headers)) + response.text)
+    # a request straight to the listener, with the client's own key in every header it can think of
+    bypass = httpx.post(f"http://{plugin_server.listen}/v1/chat/completions", json={"model": "demo"},
+                        headers={"apikey": BOB_KEY, "Authorization": f"Bearer {BOB_KEY}"})
+    seen.append(json.dumps(dict(bypass.headers)) + bypass.text)
+    log = plugin_server.stderr_text()
+    assert "refused a request without a valid ticket" in log  # the log did record the events above
+    for name, secret in SECRETS.items():
+        assert not any(secret in text for text in seen), f"{name} leaked into a response"
+        assert secret not in log, f"{name} leaked into the plugin server's log"
+    assert not re.search(r"v1\.[0-9a-f]{16}\.", log), "a hand-off ticket was logged"
