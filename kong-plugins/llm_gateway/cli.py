@@ -96,17 +96,22 @@ async def _start_site(app: object, host: str, port: int, what: str) -> object:
 
 
 async def _warm_up(demo_base: str) -> None:
-    """One real call through LiteLLM to the demo provider: LiteLLM imports much of itself lazily."""
+    """One real call down each provider path, against the demo provider: LiteLLM imports much of itself
+    lazily, and the first request should not pay for it."""
     from llm_gateway import providers
     from llm_gateway.config import Deployment
+    from llm_gateway.openai_compatible import Usage
 
     started = time.monotonic()
-    try:
-        await providers.complete(Deployment("demo/warm-up", None, None, 10.0),
-                                 {"messages": [{"role": "user", "content": "warm up"}]})
-    except Exception as exc:
-        log.warning("warm-up call failed (%s); continuing", type(exc).__name__)
-    log.info("LiteLLM warmed up in %.2f s", time.monotonic() - started)
+    messages = {"messages": [{"role": "user", "content": "warm up"}]}
+    # demo/ takes the lean OpenAI-format path; hosted_vllm/ (OpenAI-compatible too) goes through acompletion
+    for deployment in (Deployment("demo/warm-up", None, None, 10.0),
+                       Deployment("hosted_vllm/warm-up", demo_base, providers.DEMO_API_KEY, 10.0)):
+        try:
+            await providers.complete(deployment, messages, Usage())
+        except Exception as exc:
+            log.warning("warm-up call failed (%s); continuing", type(exc).__name__)
+    log.info("provider paths warmed up in %.2f s", time.monotonic() - started)
 
 
 async def serve(args: argparse.Namespace) -> None:

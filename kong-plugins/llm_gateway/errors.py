@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 _URL = re.compile(r"\b(?:https?|wss?|unix)://\S+", re.IGNORECASE)
@@ -82,6 +84,51 @@ def retry_after_seconds(exc: BaseException) -> int:
         except (TypeError, ValueError):
             continue
     return DEFAULT_RETRY_AFTER
+
+
+def _status_error_message(body: bytes) -> tuple[str | None, str | None]:
+    """(message, code) from a provider's error JSON, OpenAI's or Anthropic's shape."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None, None
+    inner = data.get("error", data) if isinstance(data, dict) else None
+    if not isinstance(inner, dict):
+        return None, None
+    message = inner.get("message")
+    code = inner.get("code") or inner.get("type")
+    return (scrub(message) if isinstance(message, str) else None), (code if isinstance(code, str) else None)
+
+
+def from_provider_status(status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
+    """Map a provider's HTTP error answer (raw, not through LiteLLM) to what the client sees."""
+    message, code = _status_error_message(body)
+    if status == 429:
+        seconds = retry_after_seconds(SimpleNamespace(headers=headers))
+        return GatewayError(429, f"The provider is rate limiting requests; retry after {seconds} s.",
+                            type="rate_limit_error", code="rate_limit_exceeded",
+                            headers={"Retry-After": str(seconds)})
+    if status in (400, 422):
+        if code == "context_length_exceeded":
+            return GatewayError(400, message or "The prompt is longer than the model's context window.",
+                                code="context_length_exceeded", param="messages")
+        if code in ("content_policy_violation", "content_filter"):
+            return GatewayError(400, message or "The provider's content policy refused the request.",
+                                code="content_policy_violation")
+        return GatewayError(400, f"The provider rejected the request: {message or 'no reason given'}",
+                            code="provider_rejected_request")
+    if status == 413:
+        return GatewayError(413, "The provider refused the request as too large.", code="request_too_large")
+    if status in (401, 403):
+        return GatewayError(502, "The provider refused the gateway's credentials.", type="server_error",
+                            code="provider_auth_error")
+    if status == 404:
+        return GatewayError(502, "The provider does not serve the configured model.", type="server_error",
+                            code="provider_model_not_found")
+    if status in (408, 504):
+        return GatewayError(504, "The provider did not answer in time.", type="server_error",
+                            code="provider_timeout")
+    return GatewayError(502, "The provider failed to answer.", type="server_error", code="provider_error")
 
 
 def from_provider_exception(exc: BaseException) -> GatewayError:

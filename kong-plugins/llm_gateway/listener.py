@@ -7,18 +7,17 @@ listener writes, chunk by chunk, and keeps the client connection to itself (see 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
 from llm_gateway import providers, ticket
 from llm_gateway.chat_request import ChatRequest, parse_chat_request
-from llm_gateway.config import GatewayConfig
+from llm_gateway.config import Deployment, GatewayConfig
 from llm_gateway.errors import GatewayError, from_provider_exception, internal_error
+from llm_gateway.openai_compatible import Usage
 from llm_gateway.plugin import Runtime
 
 log = logging.getLogger("llm_gateway.listener")
@@ -27,16 +26,9 @@ MAX_BODY_CEILING = 64 * 1024 * 1024 + 1  # the schema's largest max_body_bytes; 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _json_response(status: int, body: str, headers: dict[str, str]) -> web.Response:
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
-
-
 def error_response(err: GatewayError, headers: dict[str, str]) -> web.Response:
-    return _json_response(err.status, err.json(), {**headers, **err.headers})
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return web.Response(status=err.status, text=err.json(), content_type="application/json",
+                        headers={**headers, **err.headers})
 
 
 class Listener:
@@ -86,51 +78,41 @@ class Listener:
             target = providers.target_of(deployment)
             headers["X-LLM-Provider"] = target.provider
             headers["X-LLM-Model"] = target.model
+            usage = Usage()
             if chat.stream:
-                return await self._stream(request, chat, deployment, headers)
-            try:
-                result = await providers.complete(deployment, chat.params)
-            except Exception as exc:
-                raise from_provider_exception(exc) from exc
-            return _json_response(200, json.dumps(result, separators=(",", ":")), headers)
+                return await self._stream(request, chat, deployment, headers, usage)
+            body = await providers.complete(deployment, chat.params, usage)
+            return web.Response(status=200, body=body, content_type="application/json", headers=headers)
         except GatewayError as err:
             return error_response(err, headers)
         except Exception:
             log.exception("request %s failed", headers["X-Request-ID"])
             return error_response(internal_error(), headers)
 
-    async def _stream(self, request: web.Request, chat: ChatRequest, deployment: Any,
-                      headers: dict[str, str]) -> web.StreamResponse:
-        try:
-            chunks = await providers.open_stream(deployment, chat.params)
-        except Exception as exc:  # nothing sent yet: the client gets a proper status code
-            raise from_provider_exception(exc) from exc
+    async def _stream(self, request: web.Request, chat: ChatRequest, deployment: Deployment,
+                      headers: dict[str, str], usage: Usage) -> web.StreamResponse:
+        # raises GatewayError if the provider fails before its first event: nothing is sent yet
+        events = await providers.open_stream(deployment, chat.params, chat.include_usage, usage)
         response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
         await response.prepare(request)
         try:
-            await self._relay(response, chunks, chat.include_usage)
+            await self._relay(response, events)
         except (ConnectionError, asyncio.CancelledError):
-            await chunks.aclose()  # the client went away: stop reading from the provider
+            await events.aclose()  # the client went away: stop reading from the provider
             raise
         return response
 
-    async def _relay(self, response: web.StreamResponse, chunks: AsyncIterator[dict[str, Any]],
-                     include_usage: bool) -> None:
+    async def _relay(self, response: web.StreamResponse, events: AsyncIterator[bytes]) -> None:
         try:
-            async for chunk in chunks:
-                if not include_usage and "usage" in chunk:
-                    # usage was requested upstream for accounting; the client did not ask for it
-                    chunk = {k: v for k, v in chunk.items() if k != "usage"}
-                    if not chunk.get("choices"):
-                        continue
-                await response.write(_sse(chunk))
+            async for event in events:
+                await response.write(event)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:
             # bytes are already out: end the stream with an explicit error event, never a silent cut
-            err = from_provider_exception(exc)
+            err = exc if isinstance(exc, GatewayError) else from_provider_exception(exc)
             log.warning("stream failed after the first byte: %s", err.code)
-            await response.write(_sse(err.body()))
+            await response.write(b"data: " + err.json().encode() + b"\n\n")
             return
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

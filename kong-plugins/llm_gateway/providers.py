@@ -1,12 +1,14 @@
 """Provider calls through LiteLLM, in-process and async: OpenAI format in, OpenAI format out.
 
-LiteLLM knows the providers (request and response translation, auth headers, error mapping); this module
-only turns a configured deployment into LiteLLM arguments and LiteLLM's objects back into OpenAI JSON.
-Retries belong to the gateway's router, so LiteLLM's own are switched off.
+LiteLLM knows the providers (request and response translation, auth headers, error mapping). Providers that
+speak OpenAI's format take the lean path of ``openai_compatible`` (LiteLLM's OpenAI config, our own HTTP);
+the others go through ``litellm.acompletion``. Either way the listener gets OpenAI bytes, ready to send, and
+a ``Usage`` filled with what the provider reported. Retries belong to the gateway, so LiteLLM's are off.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -17,7 +19,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the
 
 import litellm
 
+from llm_gateway import openai_compatible
 from llm_gateway.config import DEMO_PREFIX, ConfigError, Deployment
+from llm_gateway.errors import from_provider_exception
+from llm_gateway.openai_compatible import Usage
 
 litellm.telemetry = False
 for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):  # one INFO line per call otherwise
@@ -27,6 +32,7 @@ litellm.turn_off_message_logging = True
 litellm.drop_params = False  # an unsupported parameter is the client's to know about (400), not to lose
 
 DEMO_API_KEY = "demo-provider-needs-no-key"
+OPENAI_PREFIX = "openai/"
 _demo_base = "http://127.0.0.1:8788/v1"
 
 
@@ -59,32 +65,46 @@ def target_of(deployment: Deployment) -> Target:
 
 
 def _call_args(deployment: Deployment, params: dict[str, Any]) -> dict[str, Any]:
-    if deployment.is_demo:
-        model = "openai/" + deployment.model[len(DEMO_PREFIX):]
-        api_base, api_key = _demo_base, DEMO_API_KEY
-    else:
-        model, api_base, api_key = deployment.model, deployment.api_base, deployment.api_key
     # Retries are the gateway's decision, not the SDK's (the OpenAI SDK would otherwise retry twice).
     # chat_request only admits function tools, so LiteLLM's MCP bridge never applies: skipping it also
     # spares importing the optional `mcp` package on every call that has tools.
-    args = dict(params, model=model, timeout=deployment.timeout, max_retries=0, num_retries=0,
+    args = dict(params, model=deployment.model, timeout=deployment.timeout, max_retries=0, num_retries=0,
                 _skip_mcp_handler=True)
-    if api_base:
-        args["api_base"] = api_base
-    if api_key:
-        args["api_key"] = api_key
+    if deployment.api_base:
+        args["api_base"] = deployment.api_base
+    if deployment.api_key:
+        args["api_key"] = deployment.api_key
     return args
 
 
-async def complete(deployment: Deployment, params: dict[str, Any]) -> dict[str, Any]:
-    """One non-streaming completion, as an OpenAI ``chat.completion`` object."""
-    response = await litellm.acompletion(**_call_args(deployment, params), stream=False)
+def _lean(deployment: Deployment) -> tuple[str, str | None, str | None] | None:
+    """(provider model, api_base, api_key) when the deployment speaks OpenAI's format natively."""
+    if deployment.is_demo:
+        return deployment.model[len(DEMO_PREFIX):], _demo_base, DEMO_API_KEY
+    if deployment.model.startswith(OPENAI_PREFIX):
+        return deployment.model[len(OPENAI_PREFIX):], deployment.api_base, deployment.api_key
+    return None
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def complete(deployment: Deployment, params: dict[str, Any], usage: Usage) -> bytes:
+    """One non-streaming completion, as OpenAI ``chat.completion`` JSON bytes."""
+    if lean := _lean(deployment):
+        return await openai_compatible.complete(*lean, params, deployment.timeout, usage)
+    try:
+        response = await litellm.acompletion(**_call_args(deployment, params), stream=False)
+    except Exception as exc:
+        raise from_provider_exception(exc) from exc
     result = response.model_dump(exclude_none=True)
     for choice in result.get("choices", ()):
         choice.pop("provider_specific_fields", None)
         if isinstance(choice.get("message"), dict):
             choice["message"].pop("provider_specific_fields", None)
-    return result
+    usage.model, usage.usage = result.get("model"), result.get("usage")
+    return json.dumps(result, separators=(",", ":")).encode()
 
 
 def _openai_chunk(chunk: Any) -> dict[str, Any]:
@@ -98,21 +118,41 @@ def _openai_chunk(chunk: Any) -> dict[str, Any]:
     return data
 
 
-async def open_stream(deployment: Deployment, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """A stream of OpenAI ``chat.completion.chunk`` objects; usage is always requested upstream.
+async def open_stream(deployment: Deployment, params: dict[str, Any], include_usage: bool,
+                      usage: Usage) -> AsyncIterator[bytes]:
+    """SSE events of OpenAI ``chat.completion.chunk`` objects, ``[DONE]`` excluded; usage is always
+    requested upstream and reaches the client only if it asked.
 
-    The first chunk is fetched before this returns, so a provider that fails before sending anything fails
+    The first event is produced before this returns, so a provider that fails before sending anything fails
     here, while the gateway can still answer with a proper status code.
     """
+    if lean := _lean(deployment):
+        return await openai_compatible.open_stream(*lean, params, deployment.timeout, include_usage, usage)
     args = _call_args(deployment, params)
     args["stream_options"] = {"include_usage": True}
-    stream = await litellm.acompletion(**args, stream=True)
-    iterator = stream.__aiter__()
-    first = await iterator.__anext__()
+    try:
+        stream = await litellm.acompletion(**args, stream=True)
+        iterator = stream.__aiter__()
+        first = await iterator.__anext__()
+    except Exception as exc:
+        raise from_provider_exception(exc) from exc
 
-    async def chunks() -> AsyncIterator[dict[str, Any]]:
-        yield _openai_chunk(first)
-        async for chunk in iterator:
-            yield _openai_chunk(chunk)
+    async def events() -> AsyncIterator[bytes]:
+        chunk: Any = first
+        while True:
+            data = _openai_chunk(chunk)
+            usage.model = usage.model or data.get("model")
+            if "usage" in data:
+                usage.usage = data["usage"]
+                if not include_usage:
+                    data.pop("usage")
+            if data.get("choices") or "usage" in data:
+                yield _sse(data)
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise from_provider_exception(exc) from exc
 
-    return chunks()
+    return events()
