@@ -115,7 +115,8 @@ class PluginServer:
         self.events: dict[int, Event] = {}
         # ids from a per-process random start: a Kong worker holding an id from before a restart gets
         # "no plugin instance" instead of silently reaching another config's instance
-        start = int.from_bytes(os.urandom(3), "big") * 1000
+        # (kept under 2**31: Kong's LuaJIT numbers and lua-MessagePack's integer packing stay exact)
+        start = int.from_bytes(os.urandom(2), "big") * 10_000
         self._instance_ids = itertools.count(start)
         self._event_ids = itertools.count(start)
 
