@@ -238,6 +238,8 @@ class PluginServer:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # the server is stopping: an idle pooled connection is not an error worth a traceback
         finally:
             writer.close()
             with contextlib.suppress(Exception):
