@@ -56,6 +56,13 @@ STEP_BY_METHOD = {  # mp_rpc.lua get_step_method
 }
 
 
+RAW_RESULTS = {"kong.request.get_raw_body", "kong.response.get_raw_body", "kong.service.response.get_raw_body"}
+
+
+class LuaError(Exception):
+    """What would be a Lua error in Kong's access phase: the request ends with a 500."""
+
+
 class RPCError(Exception):
     """An error answered by the plugin server, or "no data" when the connection failed (as mp_rpc.lua)."""
 
@@ -281,6 +288,9 @@ class KongHarness:
             result = self._pdk(ctx, method, args)
             if ctx.exit is not None:
                 return  # kong.response.exit ends the request: no further step
+            if result is None and method in RAW_RESULTS:
+                # mp_rpc.lua must_fix: fix_raw(nil) fails while packing the Step, a Lua error: Kong answers 500
+                raise LuaError(f"{method} returned nil: cannot pack the step")
             step_method = STEP_BY_METHOD.get(method, "plugin.Step")
             trace.append(step_method)
             step = self.rpc.call(step_method, {"EventId": step["EventId"], "Data": result})
@@ -340,7 +350,7 @@ class KongHarness:
                                      headers={**ids, "WWW-Authenticate": 'Key realm="kong"'})
         consumer = self.consumers.get(key)
         if consumer is None:
-            return web.json_response({"message": "Invalid authentication credentials"}, status=401,
+            return web.json_response({"message": "Unauthorized"}, status=401,
                                      headers={**ids, "WWW-Authenticate": 'Key realm="kong"'})
         credential = {"id": str(uuid.uuid5(uuid.NAMESPACE_OID, key)), "consumer": {"id": consumer["id"]},
                       "key": key}
@@ -353,8 +363,13 @@ class KongHarness:
         ctx = RequestCtx(request.method, request.path, dict(request.query), headers, await request.read(),
                          consumer, credential)
         trace: list[str] = []
-        await asyncio.get_running_loop().run_in_executor(self._threads, self._access, ctx, trace)
-        self.traces.append(trace)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._threads, self._access, ctx, trace)
+        except LuaError as exc:
+            self.kong_log.append(f"[error] {exc}")
+            return web.json_response({"message": "An unexpected error occurred"}, status=500, headers=ids)
+        finally:
+            self.traces.append(trace)
         if ctx.exit is not None:
             status, body, exit_headers = ctx.exit
             text = body if isinstance(body, str | bytes) or body is None else json.dumps(body)

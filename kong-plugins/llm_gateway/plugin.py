@@ -37,9 +37,11 @@ class LLMGatewayPlugin:
         self.config = runtime.registry.acquire(parsed)
 
     async def access(self, kong: PDK) -> None:
-        # max_body_bytes lets Kong read a body spooled to a file (over client_body_buffer_size) up to the
-        # limit; over it, Kong answers nil and the ticket is marked unbound, which the listener answers 413.
-        body = await kong.request.get_raw_body(self.config.max_body_bytes)
+        # 0 = "read it whatever its size", including a body nginx spooled to a file (over
+        # client_body_buffer_size). Any limit Kong could refuse would make get_raw_body return nil, which Kong
+        # 3.9 cannot even pack into the step (mp_rpc.lua fix_raw): a 500. The route's max_body_bytes is the
+        # listener's 413; nginx's client_max_body_size is the hard cap in front of all this.
+        body = await kong.request.get_raw_body(0)
         if isinstance(body, str):
             body = body.encode()
         consumer = await kong.client.get_consumer()

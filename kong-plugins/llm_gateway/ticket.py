@@ -3,7 +3,7 @@
 Kong fails open (a plugin-server error lets the request through to the Service), and anything on the host can
 reach a loopback port, so the listener trusts nothing but a ticket: an HMAC, keyed by a secret born in this
 process, over the config the request was admitted under, a single-use nonce, an expiry, the consumer, and the
-SHA-256 of the body. Bodies too large for the access phase to read are marked unbound; the listener answers
+SHA-256 of the body. A body the access phase could not read (Kong gave nil) is marked unbound; the listener answers
 those with 413 whatever they contain.
 """
 
