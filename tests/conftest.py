@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,12 @@ CONSUMERS = {
 }
 TICKET_TTL = 3.0
 MAX_BODY_BYTES = 64 * 1024
+RUN_ID = secrets.token_hex(4)
+REDIS_URL = "redis://127.0.0.1:6379/15"  # tests only touch keys under their run's prefix
+REDIS_PREFIX = f"llmgw-test-{RUN_ID}:"
+USAGE_STREAM = f"{REDIS_PREFIX}usage"
+PRICE = {"input_cost_per_token": 1e-6, "output_cost_per_token": 4e-6, "cache_read_input_token_cost": 2.5e-7}
+BOB_BUDGET_TOKENS = 400
 
 
 def free_port() -> int:
@@ -48,7 +56,12 @@ def gateway_config(mock: MockProvider) -> dict[str, Any]:
     oa, an = mock.openai_base, mock.anthropic_base
     return {
         "max_body_bytes": MAX_BODY_BYTES,
+        "redis": {"url": REDIS_URL, "key_prefix": REDIS_PREFIX, "usage_stream": USAGE_STREAM},
+        "budgets": [{"name": "bob-hourly", "window": "hour", "tokens": BOB_BUDGET_TOKENS, "consumers": ["bob"]}],
         "models": [
+            _alias("priced-gpt", "openai/mock-gpt-cached-3-reasoning-2", oa, price=PRICE),
+            _alias("priced-claude", "anthropic/mock-claude-cached-4", an, price=PRICE),
+            _alias("drip", "openai/mock-gpt-drip-50-words-40", oa),
             _alias("gpt-mock", "openai/mock-gpt", oa),
             _alias("gpt-4o-mini", "openai/gpt-4o-mini", oa),  # a catalog model: LiteLLM forwards `user` for it
             _alias("o3-mini", "openai/o3-mini", oa),  # a reasoning model: reasoning_effort applies
@@ -84,11 +97,13 @@ def mock_provider() -> Iterator[MockProvider]:
 @pytest.fixture(scope="session")
 def plugin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginServerProcess]:
     socket_path = str(tmp_path_factory.mktemp("kong-prefix") / "llm-gateway.sock")
+    metrics = f"127.0.0.1:{free_port()}"
     server = start_plugin_server(
         socket_path, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
         env={"MOCK_PROVIDER_KEY": PROVIDER_KEY, "WRONG_PROVIDER_KEY": WRONG_PROVIDER_KEY,
-             "LLM_GATEWAY_TICKET_TTL": str(TICKET_TTL)},
+             "LLM_GATEWAY_TICKET_TTL": str(TICKET_TTL), "LLM_GATEWAY_METRICS_LISTEN": metrics},
     )
+    server.metrics = metrics  # type: ignore[attr-defined]
     yield server
     server.stop()
 
@@ -101,8 +116,33 @@ def kong(plugin_server: PluginServerProcess, mock_provider: MockProvider) -> Ite
         yield harness
 
 
+def usage_records(server: PluginServerProcess) -> dict[str, dict[str, Any]]:
+    """The usage records the plugin server logged (one JSON line each), by request id."""
+    records = {}
+    for line in server.stderr_text().splitlines():
+        _, marker, payload = line.partition("llm_gateway.usage: ")
+        if marker:
+            record = json.loads(payload)
+            records[record["request_id"]] = record
+    return records
+
+
+def wait_for_record(server: PluginServerProcess, request_id: str, timeout: float = 10) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if record := usage_records(server).get(request_id):
+            return record
+        time.sleep(0.05)
+    raise AssertionError(f"no usage record for request {request_id}")
+
+
 @pytest.fixture
 def client(kong: KongHarness) -> openai.OpenAI:
     """The OpenAI Python SDK, pointed at "Kong", authenticated with key-auth's apikey header."""
     return openai.OpenAI(base_url=f"{kong.url}/v1", api_key="unused-by-key-auth", max_retries=0,
                          default_headers={"apikey": ALICE_KEY})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The secret scan runs last, so it reads the logs, metrics and records of the whole run."""
+    items.sort(key=lambda item: item.module.__name__ == "test_secrets" if item.module else False)

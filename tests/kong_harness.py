@@ -224,6 +224,7 @@ class KongHarness:
         self.rpc = KongRPC(socket_path, rpc_timeout)
         self.rpc.on_server_restart.append(self._reset_instances)
         self.plugin_id = str(uuid.uuid4())
+        self.route_id, self.service_id = str(uuid.uuid4()), str(uuid.uuid4())
         self.seq = 1
         self._workers: list[dict[str, tuple[int, int]]] = [{} for _ in range(workers)]
         self._next_worker = itertools.count()
@@ -252,7 +253,9 @@ class KongHarness:
         cached = cache.get(self.plugin_id)
         if cached and cached[1] == self.seq:
             return cached[0]
-        conf = dict(self.plugin_config, __plugin_id=self.plugin_id, __seq__=self.seq, __key__=self.plugin_id)
+        # as plugins_iterator.get_plugin_config: the plugin's scope and Kong's markers join the user's config
+        conf = dict(self.plugin_config, route_id=self.route_id, service_id=self.service_id,
+                    __plugin_id=self.plugin_id, __seq__=self.seq, __key__=self.plugin_id)
         trace.append("plugin.StartInstance")
         status = self.rpc.call("plugin.StartInstance", {"Name": self.plugin_name, "Config": json.dumps(conf)})
         cache[self.plugin_id] = (status["Id"], self.seq)

@@ -1,8 +1,10 @@
-"""No secret ever appears in a response or a log line: provider keys, consumer credentials, tickets.
+"""No secret ever appears in a response, a log line, a metric or a usage record: provider keys, consumer
+credentials, tickets.
 
 Runs the error paths most likely to leak (provider auth failure, unreachable provider, provider 400 echoing
-input, bypass attempts), then scans what clients got and everything the plugin server logged so far in this
-test session.
+input, bypass attempts), then scans what clients got, everything the plugin server logged in this test
+session, its Prometheus metrics and the Redis usage stream. conftest runs this module last, so the scan
+covers the whole run.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import json
 import re
 
 import httpx
+import redis
 
-from conftest import ALICE_KEY, BOB_KEY, PROVIDER_KEY, WRONG_PROVIDER_KEY
+from conftest import ALICE_KEY, BOB_KEY, PROVIDER_KEY, REDIS_URL, USAGE_STREAM, WRONG_PROVIDER_KEY
 from kong_harness import KongHarness, PluginServerProcess
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -32,8 +35,12 @@ def test_no_secret_in_responses_or_logs(kong: KongHarness, plugin_server: Plugin
                         headers={"apikey": BOB_KEY, "Authorization": f"Bearer {BOB_KEY}"})
     seen.append(json.dumps(dict(bypass.headers)) + bypass.text)
     log = plugin_server.stderr_text()
+    seen.append(httpx.get(f"http://{plugin_server.metrics}/metrics", timeout=10).text)
+    records = [b"".join(fields.values()).decode() for _, fields in redis.Redis.from_url(REDIS_URL).xrange(USAGE_STREAM)]
+    assert records, "the usage stream should hold this run's records"
+    seen.extend(records)
     assert "refused a request without a valid ticket" in log  # the log did record the events above
     for name, secret in SECRETS.items():
-        assert not any(secret in text for text in seen), f"{name} leaked into a response"
+        assert not any(secret in text for text in seen), f"{name} leaked into a response, a metric or a record"
         assert secret not in log, f"{name} leaked into the plugin server's log"
     assert not re.search(r"v1\.[0-9a-f]{16}\.", log), "a hand-off ticket was logged"

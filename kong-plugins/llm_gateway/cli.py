@@ -25,6 +25,7 @@ log = logging.getLogger("llm_gateway")
 
 DEFAULT_LISTEN = "127.0.0.1:8787"
 DEFAULT_DEMO_LISTEN = "127.0.0.1:8788"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9542"
 PR_SET_PDEATHSIG = 1
 
 
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo-listen", type=_host_port,
                        default=env("LLM_GATEWAY_DEMO_LISTEN", DEFAULT_DEMO_LISTEN),
                        help="loopback HOST:PORT of the built-in demo provider")
+    serve.add_argument("--metrics-listen", default=env("LLM_GATEWAY_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
+                       help="HOST:PORT serving Prometheus /metrics, or 'off'")
     serve.add_argument("--ticket-ttl", type=float, default=float(env("LLM_GATEWAY_TICKET_TTL", "30")),
                        help="seconds a hand-off ticket stays valid")
     return parser
@@ -111,6 +114,9 @@ async def _warm_up(demo_base: str) -> None:
             await providers.complete(deployment, messages, Usage())
         except Exception as exc:
             log.warning("warm-up call failed (%s); continuing", type(exc).__name__)
+    from llm_gateway import accounting
+
+    accounting.warm_up()  # tiktoken's first load (0.3-0.5 s) would otherwise land on a budgeted request
     log.info("provider paths warmed up in %.2f s", time.monotonic() - started)
 
 
@@ -122,8 +128,9 @@ async def serve(args: argparse.Namespace) -> None:
     from llm_gateway.config import ConfigRegistry
     from llm_gateway.demo_provider import demo_app
     from llm_gateway.listener import Listener
-    from llm_gateway.plugin import LLMGatewayPlugin, Runtime
+    from llm_gateway.plugin import LLMGatewayPlugin
     from llm_gateway.rpc_server import PluginServer
+    from llm_gateway.runtime import Runtime
     from llm_gateway.ticket import TicketBook
 
     log.info("LiteLLM imported in %.2f s", time.monotonic() - started)
@@ -133,6 +140,15 @@ async def serve(args: argparse.Namespace) -> None:
     runners = [await _start_site(demo_app(), demo_host, demo_port, "demo provider"),
                await _start_site(Listener(runtime).app, *args.listen, "LLM listener")]
     await _warm_up(f"http://{demo_host}:{demo_port}/v1")
+    if args.metrics_listen != "off":
+        from llm_gateway.metrics import start_metrics_server
+
+        metrics_host, metrics_port = _host_port(args.metrics_listen)
+        try:
+            start_metrics_server(metrics_host, metrics_port, runtime.metrics)
+            log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
+        except OSError as exc:  # metrics are worth an error line, not an outage
+            log.error("cannot serve metrics on %s: %s", args.metrics_listen, exc)
 
     plugin_server = PluginServer(PLUGIN_NAME, lambda config: LLMGatewayPlugin(config, runtime))
     rpc = await plugin_server.serve(args.socket)
@@ -161,4 +177,5 @@ async def serve(args: argparse.Namespace) -> None:
         os.unlink(args.socket)
     for runner in runners:
         await runner.cleanup()  # type: ignore[attr-defined]
+    await runtime.close()  # flushes usage records still queued for Redis
     log.info("plugin server stopped")

@@ -15,9 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_gateway.budgets import WINDOWS, Budget
+
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 DEMO_PREFIX = "demo/"
+DEFAULT_RESERVATION_TOKENS = 1024
+PRICE_FIELDS = ("input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost")
 
 
 class ConfigError(ValueError):
@@ -32,6 +36,7 @@ class Deployment:
     api_base: str | None
     api_key: str | None = field(repr=False)  # resolved secret: never logged, never in a response
     timeout: float
+    price: Mapping[str, float] | None = None  # per-token USD overriding LiteLLM's price map
 
     @property
     def is_demo(self) -> bool:
@@ -47,12 +52,28 @@ class Alias:
 
 
 @dataclass(frozen=True)
+class RedisSettings:
+    """Where shared state lives when several Kong nodes must agree."""
+
+    url: str = field(repr=False)  # may carry a password
+    key_prefix: str = "llmgw:"
+    usage_stream: str = "llmgw:usage"
+    timeout: float = 0.5
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything one plugin instance (one route's plugin config) decides."""
 
     key: str  # stable digest of the config: plugin instances with equal configs share one GatewayConfig
     models: Mapping[str, Alias]
     max_body_bytes: int
+    budgets: tuple[Budget, ...] = ()
+    budget_reservation_tokens: int = DEFAULT_RESERVATION_TOKENS
+    budget_fail_open: bool = False
+    redis: RedisSettings | None = None
+    route_id: str | None = None  # Kong adds the scope of the plugin to its config: the route, the service
+    service_id: str | None = None
 
 
 def config_key(raw: Mapping[str, Any]) -> str:
@@ -92,12 +113,63 @@ def _deployment(raw: Any, where: str, env: Mapping[str, str]) -> Deployment:
         raise ConfigError(f"{where}.api_key: the vault reference was not resolved by Kong")
     if api_key is None and key_env is not None:
         api_key = env.get(key_env) or None
+    price_raw = raw.get("price")
+    price = None
+    if price_raw is not None:
+        if not isinstance(price_raw, Mapping):
+            raise ConfigError(f"{where}.price: expected a record")
+        price = {k: _number(price_raw[k], f"{where}.price.{k}", 0.0, positive=False)
+                 for k in PRICE_FIELDS if price_raw.get(k) is not None}
     return Deployment(
         model=model,
         api_base=_optional_str(raw.get("api_base"), f"{where}.api_base"),
         api_key=api_key,
         timeout=_number(raw.get("timeout"), f"{where}.timeout", DEFAULT_TIMEOUT),
+        price=price or None,
     )
+
+
+def _budgets(raw: Any) -> tuple[Budget, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("budgets: expected an array")
+    budgets, names = [], set()
+    for i, item in enumerate(raw):
+        where = f"budgets[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where}: expected a record")
+        name = _optional_str(item.get("name"), f"{where}.name")
+        if name is None or name in names:
+            raise ConfigError(f"{where}.name: required, and unique among budgets")
+        names.add(name)
+        if item.get("window") not in WINDOWS:
+            raise ConfigError(f"{where}.window: expected one of {', '.join(WINDOWS)}")
+        tokens, usd = item.get("tokens"), item.get("usd")
+        if tokens is None and usd is None:
+            raise ConfigError(f"{where}: set tokens, usd, or both")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
+            raise ConfigError(f"{where}.tokens: expected a positive integer")
+        consumers = item.get("consumers")
+        if consumers is not None and not (isinstance(consumers, list) and all(isinstance(c, str) for c in consumers)):
+            raise ConfigError(f"{where}.consumers: expected a list of consumer usernames")
+        budgets.append(Budget(name=name, window=item["window"], tokens=tokens,
+                              usd=_number(usd, f"{where}.usd", 0.0) if usd is not None else None,
+                              consumers=frozenset(consumers) if consumers else None))
+    return tuple(budgets)
+
+
+def _redis(raw: Any) -> RedisSettings | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("redis: expected a record")
+    url = _optional_str(raw.get("url"), "redis.url")
+    if url is None or not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis.url: expected a redis://, rediss:// or unix:// URL")
+    return RedisSettings(url=url, key_prefix=_optional_str(raw.get("key_prefix"), "redis.key_prefix") or "llmgw:",
+                         usage_stream=_optional_str(raw.get("usage_stream"), "redis.usage_stream") or "llmgw:usage",
+                         timeout=_number(raw.get("timeout"), "redis.timeout", 0.5))
 
 
 def parse_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -127,7 +199,17 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         max_body = DEFAULT_MAX_BODY_BYTES
     if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
         raise ConfigError("max_body_bytes: expected a positive integer")
-    return GatewayConfig(key=config_key(raw), models=models, max_body_bytes=max_body)
+    reservation = raw.get("budget_reservation_tokens")
+    if reservation is None:
+        reservation = DEFAULT_RESERVATION_TOKENS
+    if isinstance(reservation, bool) or not isinstance(reservation, int) or reservation < 1:
+        raise ConfigError("budget_reservation_tokens: expected a positive integer")
+    return GatewayConfig(key=config_key(raw), models=models, max_body_bytes=max_body,
+                         budgets=_budgets(raw.get("budgets")),
+                         budget_reservation_tokens=reservation, budget_fail_open=raw.get("budget_fail_open") is True,
+                         redis=_redis(raw.get("redis")),
+                         route_id=raw.get("route_id") if isinstance(raw.get("route_id"), str) else None,
+                         service_id=raw.get("service_id") if isinstance(raw.get("service_id"), str) else None)
 
 
 class ConfigRegistry:

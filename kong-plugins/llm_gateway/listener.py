@@ -7,9 +7,10 @@ listener writes, chunk by chunk, and keeps the client connection to itself (see 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -17,8 +18,8 @@ from llm_gateway import providers, ticket
 from llm_gateway.chat_request import ChatRequest, parse_chat_request
 from llm_gateway.config import Deployment, GatewayConfig
 from llm_gateway.errors import GatewayError, from_provider_exception, internal_error
-from llm_gateway.openai_compatible import Usage
-from llm_gateway.plugin import Runtime
+from llm_gateway.ledger import Ledger
+from llm_gateway.runtime import Runtime
 
 log = logging.getLogger("llm_gateway.listener")
 
@@ -44,7 +45,7 @@ class Listener:
         err = GatewayError(404, f"No LLM endpoint at {request.method} {request.path}.", code="unknown_url")
         return error_response(err, {})
 
-    def _admit(self, request: web.Request, body: bytes) -> GatewayConfig:
+    def _admit(self, request: web.Request, body: bytes) -> tuple[GatewayConfig, ticket.Claims]:
         """The ticket check: only requests minted by our access phase in Kong get further."""
         try:
             claims = self.runtime.tickets.verify(request.headers.get(ticket.HEADER), body)
@@ -59,16 +60,18 @@ class Listener:
         if not claims.body_bound or len(body) > config.max_body_bytes:
             raise GatewayError(413, f"The request body is larger than {config.max_body_bytes} bytes.",
                                code="request_too_large")
-        return config
+        return config, claims
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
         headers = {"X-Request-ID": request.headers.get("X-Kong-Request-Id") or uuid.uuid4().hex}
+        ledger: Ledger | None = None
         try:
             try:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise GatewayError(413, "The request body is too large.", code="request_too_large") from None
-            config = self._admit(request, body)
+            config, claims = self._admit(request, body)
             chat = parse_chat_request(body)
             alias = config.models.get(chat.model)
             if alias is None:
@@ -78,41 +81,55 @@ class Listener:
             target = providers.target_of(deployment)
             headers["X-LLM-Provider"] = target.provider
             headers["X-LLM-Model"] = target.model
-            usage = Usage()
+            ledger = Ledger(self.runtime, config, request_id=headers["X-Request-ID"],
+                            consumer=claims.consumer_username or claims.consumer_id or None,
+                            consumer_id=claims.consumer_id or None, chat=chat, deployment=deployment, target=target,
+                            started=started)
+            headers.update(await ledger.admit())  # 429/503 when the consumer's budgets say no (recorded)
             if chat.stream:
-                return await self._stream(request, chat, deployment, headers, usage)
-            body = await providers.complete(deployment, chat.params, usage)
-            return web.Response(status=200, body=body, content_type="application/json", headers=headers)
+                return await self._stream(request, chat, deployment, headers, ledger)
+            try:
+                answer = await providers.complete(deployment, chat.params, ledger.usage)
+            except GatewayError as err:
+                headers.update(await ledger.finish(err.status, error_code=err.code))
+                raise
+            headers.update(await ledger.finish(200))
+            return web.Response(status=200, body=answer, content_type="application/json", headers=headers)
         except GatewayError as err:
             return error_response(err, headers)
         except Exception:
             log.exception("request %s failed", headers["X-Request-ID"])
+            if ledger is not None:
+                await ledger.finish(500, error_code="internal_error")
             return error_response(internal_error(), headers)
 
     async def _stream(self, request: web.Request, chat: ChatRequest, deployment: Deployment,
-                      headers: dict[str, str], usage: Usage) -> web.StreamResponse:
-        # raises GatewayError if the provider fails before its first event: nothing is sent yet
-        events = await providers.open_stream(deployment, chat.params, chat.include_usage, usage)
-        response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
-        await response.prepare(request)
-        try:
-            await self._relay(response, events)
-        except (ConnectionError, asyncio.CancelledError):
-            await events.aclose()  # the client went away: stop reading from the provider
+                      headers: dict[str, str], ledger: Ledger) -> web.StreamResponse:
+        try:  # a provider failing before its first event raises here, while a status code can still say so
+            events = await providers.open_stream(deployment, chat.params, chat.include_usage, ledger.usage)
+        except GatewayError as err:
+            headers.update(await ledger.finish(err.status, error_code=err.code))
             raise
-        return response
-
-    async def _relay(self, response: web.StreamResponse, events: AsyncIterator[bytes]) -> None:
+        ledger.first_byte = time.monotonic()
+        response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
+        status, code, truncated = 200, None, False
         try:
+            await response.prepare(request)
             async for event in events:
                 await response.write(event)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
         except (ConnectionError, asyncio.CancelledError):
+            status, code, truncated = 499, "client_disconnected", True  # nginx's code for a client that left
             raise
         except Exception as exc:
             # bytes are already out: end the stream with an explicit error event, never a silent cut
             err = exc if isinstance(exc, GatewayError) else from_provider_exception(exc)
-            log.warning("stream failed after the first byte: %s", err.code)
-            await response.write(b"data: " + err.json().encode() + b"\n\n")
-            return
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            status, code, truncated = err.status, err.code, True
+            log.warning("stream %s failed after the first byte: %s", headers["X-Request-ID"], err.code)
+            with contextlib.suppress(ConnectionError):
+                await response.write(b"data: " + err.json().encode() + b"\n\n")
+        finally:
+            await events.aclose()  # stop reading from the provider, whatever happened
+            await ledger.finish(status, error_code=code, truncated=truncated)
+        return response

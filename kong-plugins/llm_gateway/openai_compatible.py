@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -30,10 +30,23 @@ _session: aiohttp.ClientSession | None = None
 
 @dataclass
 class Usage:
-    """What the provider reported; filled while the response passes through."""
+    """What the provider reported, filled while the response passes through: its usage when it reports one,
+    and the completion text, from which usage is estimated when it does not (or when the client left)."""
 
     model: str | None = None
     usage: dict[str, Any] | None = None
+    text: list[str] = field(default_factory=list)
+    decorate: Callable[[dict[str, Any]], None] | None = None  # adds e.g. the cost to a usage sent to the client
+
+    def take_text(self, choices: Any) -> None:
+        for choice in choices or ():
+            part = (choice.get("delta") or choice.get("message") or {}) if isinstance(choice, dict) else {}
+            if isinstance(part.get("content"), str):
+                self.text.append(part["content"])
+            for call in part.get("tool_calls") or ():
+                arguments = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+                if isinstance(arguments, str):
+                    self.text.append(arguments)
 
 
 def session() -> aiohttp.ClientSession:
@@ -126,6 +139,8 @@ async def complete(model: str, api_base: str | None, api_key: str | None, params
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise _malformed()
     usage.model, usage.usage = data.get("model"), data.get("usage")
+    if not usage.usage:
+        usage.take_text(data["choices"])
     return raw
 
 
@@ -190,8 +205,13 @@ async def _events(response: Any, include_usage: bool, usage: Usage) -> AsyncIter
                     raise GatewayError(502, "The provider reported an error mid-stream.", type="server_error",
                                        code="provider_error")
                 usage.model = usage.model or chunk.get("model")
+                usage.take_text(chunk.get("choices"))
                 if chunk.get("usage"):
                     usage.usage = chunk["usage"]
+                    if include_usage and usage.decorate:
+                        usage.decorate(chunk["usage"])
+                        yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+                        continue
                 if "usage" in chunk and not include_usage:
                     # requested upstream for accounting, not by the client: OpenAI then puts "usage" (null
                     # until the last chunk) in every chunk, so those few are re-encoded without it

@@ -8,21 +8,13 @@ make Kong buffer the whole upstream response, streams included.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from llm_gateway import ticket
-from llm_gateway.config import ConfigRegistry, parse_config
+from llm_gateway.config import parse_config
 from llm_gateway.providers import check_model
 from llm_gateway.rpc_server import PDK
-
-
-@dataclass
-class Runtime:
-    """Process-wide state shared by every plugin instance and the listener."""
-
-    registry: ConfigRegistry
-    tickets: ticket.TicketBook
+from llm_gateway.runtime import Runtime
 
 
 class LLMGatewayPlugin:

@@ -104,6 +104,8 @@ async def complete(deployment: Deployment, params: dict[str, Any], usage: Usage)
         if isinstance(choice.get("message"), dict):
             choice["message"].pop("provider_specific_fields", None)
     usage.model, usage.usage = result.get("model"), result.get("usage")
+    if not usage.usage:
+        usage.take_text(result.get("choices"))
     return json.dumps(result, separators=(",", ":")).encode()
 
 
@@ -142,10 +144,13 @@ async def open_stream(deployment: Deployment, params: dict[str, Any], include_us
         while True:
             data = _openai_chunk(chunk)
             usage.model = usage.model or data.get("model")
+            usage.take_text(data.get("choices"))
             if "usage" in data:
                 usage.usage = data["usage"]
                 if not include_usage:
                     data.pop("usage")
+                elif usage.decorate:
+                    usage.decorate(data["usage"])
             if data.get("choices") or "usage" in data:
                 yield _sse(data)
             try:

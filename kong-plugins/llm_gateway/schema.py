@@ -34,6 +34,26 @@ DEPLOYMENT_FIELDS: list[dict[str, Any]] = [
         "type": "number", "default": 60, "gt": 0,
         "description": "Seconds allowed for one provider call (time to the first byte for streams).",
     }},
+    {"price": {
+        "type": "record", "required": False,
+        "description": "Prices overriding LiteLLM's price map for this deployment, in USD per token.",
+        "fields": [
+            {"input_cost_per_token": {"type": "number", "between": [0, 1]}},
+            {"output_cost_per_token": {"type": "number", "between": [0, 1]}},
+            {"cache_read_input_token_cost": {"type": "number", "between": [0, 1]}},
+        ],
+    }},
+]
+
+BUDGET_FIELDS: list[dict[str, Any]] = [
+    {"name": {"type": "string", "required": True, "match": "^[A-Za-z0-9_-]+$"}},
+    {"window": {"type": "string", "required": True, "one_of": ["minute", "hour", "day", "month"]}},
+    {"tokens": {"type": "integer", "gt": 0, "description": "Tokens (prompt + completion) per consumer per window."}},
+    {"usd": {"type": "number", "gt": 0, "description": "US dollars of provider cost per consumer per window."}},
+    {"consumers": {
+        "type": "array", "elements": {"type": "string"},
+        "description": "Usernames (or ids) of the consumers this budget applies to; absent means every consumer.",
+    }},
 ]
 
 CONFIG_FIELDS: list[dict[str, Any]] = [
@@ -51,6 +71,35 @@ CONFIG_FIELDS: list[dict[str, Any]] = [
     {"max_body_bytes": {
         "type": "integer", "default": 1048576, "between": [1024, 67108864],
         "description": "Largest request body accepted; larger ones get 413.",
+    }},
+    {"budgets": {
+        "type": "array", "default": [],
+        "description": "Token and USD budgets per consumer over fixed windows; several apply at once.",
+        "elements": {"type": "record", "fields": BUDGET_FIELDS},
+    }},
+    {"budget_reservation_tokens": {
+        "type": "integer", "default": 1024, "gt": 0,
+        "description": "Completion tokens reserved against budgets when a request sets no max_tokens.",
+    }},
+    {"budget_fail_open": {
+        "type": "boolean", "default": False,
+        "description": "Admit requests when the budget store (Redis) is unreachable; refused (503) by default.",
+    }},
+    {"redis": {
+        "type": "record", "required": False,
+        "description": "Shared state across Kong nodes: budgets and the usage record stream.",
+        "fields": [
+            {"url": {
+                "type": "string", "required": True, "referenceable": True,
+                "description": "redis://[:password@]host:port/db (or rediss://); a vault reference for secrets.",
+            }},
+            {"key_prefix": {"type": "string", "default": "llmgw:"}},
+            {"usage_stream": {
+                "type": "string", "default": "llmgw:usage",
+                "description": "Redis Stream every usage record is appended to, for billing pipelines.",
+            }},
+            {"timeout": {"type": "number", "default": 0.5, "gt": 0}},
+        ],
     }},
 ]
 

@@ -1,0 +1,73 @@
+"""Process-wide state shared by every plugin instance and the listener: configs, tickets, metrics, and the
+clients of shared stores (one Redis client per URL, one budget store and one record sink per configuration of
+them), created once and reused by every request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from llm_gateway.accounting import RecordSink
+from llm_gateway.budgets import BudgetStore, MemoryBudgetStore, RedisBudgetStore
+from llm_gateway.config import ConfigRegistry, GatewayConfig, RedisSettings
+from llm_gateway.metrics import Metrics
+from llm_gateway.ticket import TicketBook
+
+
+@dataclass
+class Runtime:
+    registry: ConfigRegistry
+    tickets: TicketBook
+    metrics: Metrics = field(default_factory=Metrics)
+    _redis: dict[str, Any] = field(default_factory=dict)
+    _stores: dict[tuple, BudgetStore] = field(default_factory=dict)
+    _sinks: dict[tuple, RecordSink] = field(default_factory=dict)
+
+    def redis(self, settings: RedisSettings) -> Any:
+        if settings.url not in self._redis:
+            import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            # one quick retry, not redis-py's default ten with backoff: a budget check must fail fast (503) when
+            # Redis is down; the record sink has its own backoff
+            self._redis[settings.url] = aioredis.from_url(
+                settings.url, socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
+                retry=Retry(NoBackoff(), 1))
+        return self._redis[settings.url]
+
+    def budget_store(self, config: GatewayConfig) -> BudgetStore:
+        """Redis when the route configures it (several Kong nodes share one budget), else this process's memory."""
+        if config.redis is None:
+            key: tuple = ("memory",)
+            if key not in self._stores:
+                self._stores[key] = MemoryBudgetStore()
+            return self._stores[key]
+        key = ("redis", config.redis.url, config.redis.key_prefix, config.budget_fail_open)
+        if key not in self._stores:
+            self._stores[key] = RedisBudgetStore(self.redis(config.redis),
+                                                 key_prefix=config.redis.key_prefix + "budget:",
+                                                 fail_open=config.budget_fail_open)
+        return self._stores[key]
+
+    def record_sink(self, config: GatewayConfig) -> RecordSink:
+        """Usage records go to the log always, and to a Redis Stream when the route configures Redis."""
+        key: tuple = (config.redis.url, config.redis.usage_stream) if config.redis else ("log",)
+        if key not in self._sinks:
+            client = self.redis(config.redis) if config.redis else None
+            stream = config.redis.usage_stream if config.redis else "llmgw:usage"
+            self._sinks[key] = RecordSink(client, stream=stream)
+        return self._sinks[key]
+
+    async def close(self) -> None:
+        for sink in self._sinks.values():
+            with contextlib.suppress(Exception):
+                await sink.close()
+        for store in self._stores.values():
+            with contextlib.suppress(Exception):
+                await store.close()
+        for client in self._redis.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
