@@ -61,6 +61,9 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
         pass
 """
 
+# Run inside the container: the plugin server's Prometheus metrics.
+METRICS_SCRIPT = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9542/metrics').read().decode())"
+
 
 @dataclass
 class KongContainer:
@@ -218,6 +221,17 @@ def test_chat_completion_through_real_kong(kong: KongContainer) -> None:
     assert response.headers["X-LLM-Model"] == "echo"
     assert response.headers["X-Request-ID"] == response.headers["X-Kong-Request-Id"]  # Kong's request id
     assert response.headers["X-RateLimit-Limit-Minute"] == "120"  # rate-limiting ran before us
+    assert int(response.headers["X-LLM-Prompt-Tokens"]) == body["usage"]["prompt_tokens"]
+    assert response.headers["X-RateLimit-Limit-Tokens"] == "200000"  # kong.yml's hourly-tokens budget
+
+
+def test_metrics_count_the_consumers_tokens(kong: KongContainer) -> None:
+    assert kong.post(HELLO).status_code == 200
+    code, output = kong.exec(["/opt/llm-gateway/bin/python", "-c", METRICS_SCRIPT])
+    assert code == 0, output
+    tokens = [line for line in output.splitlines() if line.startswith("llm_gateway_tokens_total{")]
+    assert any('consumer="alice"' in line and 'kind="prompt"' in line for line in tokens), output
+    assert KEY not in output
 
 
 def test_no_key_is_refused_by_key_auth(kong: KongContainer) -> None:
@@ -304,12 +318,13 @@ def _unknown_field(doc: dict[str, Any]) -> None:
 
 
 def _commented_examples(doc: dict[str, Any]) -> None:
-    """The two provider examples kong.yml carries as comments must be valid once uncommented."""
+    """The provider and Redis examples kong.yml carries as comments must be valid once uncommented."""
     _gateway(doc)["models"] += [
         {"name": "gpt-4o-mini", "deployments": [{"model": "openai/gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"}]},
         {"name": "claude-sonnet", "deployments": [{"model": "anthropic/claude-3-5-sonnet-latest",
                                                    "api_key": "{vault://env/anthropic-api-key}"}]},
     ]
+    _gateway(doc)["redis"] = {"url": "{vault://env/llm-gateway-redis-url}"}
 
 
 @pytest.mark.parametrize(("mutate", "valid", "mentions"), [
