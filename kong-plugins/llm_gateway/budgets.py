@@ -224,9 +224,10 @@ class MemoryBudgetStore:
         return None
 
 
-# KEYS: one hash per budget. ARGV: tokens, usd_micro, then per key: token limit, usd limit (-1: none), expiry
-# (epoch seconds). Either every budget takes the reservation or none does; returns {0, used tokens...} or
-# {index, kind (1 token, 2 usd), used tokens, used usd}.
+# KEYS: one hash per budget. ARGV: tokens, usd_micro, then per key: token limit, usd limit (-1: none), seconds
+# to live (relative, so a test clock or a node's skew never makes Redis drop a live window). Either every
+# budget takes the reservation or none does; returns {0, used tokens...} or {index, kind (1 token, 2 usd),
+# used tokens, used usd}.
 _RESERVE = """
 local tokens = tonumber(ARGV[1])
 local usd = tonumber(ARGV[2])
@@ -244,7 +245,7 @@ local out = {0}
 for i, key in ipairs(KEYS) do
   out[i + 1] = redis.call('HINCRBY', key, 't', tokens)
   redis.call('HINCRBY', key, 'u', usd)
-  redis.call('EXPIREAT', key, tonumber(ARGV[3 * i + 2]))
+  redis.call('EXPIRE', key, tonumber(ARGV[3 * i + 2]))
 end
 return out
 """
@@ -288,7 +289,8 @@ class RedisBudgetStore:
         for charge in charges:
             limit_usd = charge.budget.usd_micro
             args += [charge.budget.tokens if charge.budget.tokens is not None else -1,
-                     limit_usd if limit_usd is not None else -1, charge.window_end + _GRACE_S]
+                     limit_usd if limit_usd is not None else -1,
+                     max(1, math.ceil(charge.window_end + _GRACE_S - now))]
         try:
             result = await self._reserve(keys=[c.key for c in charges], args=args)
         except Exception as exc:  # connection refused, timeout, Redis errors: the store cannot decide
