@@ -68,16 +68,37 @@ def _validate_value(field: dict[str, Any], value: Any) -> Any:
             out.append(checked)
         return {"@errors": errors} if errors else out
     if kind == "record":
-        return validate_record(field["fields"], value)
+        return validate_record(field["fields"], value, field.get("entity_checks", ()))
     return value
+
+
+def _nonempty(value: Any) -> bool:
+    return value not in (None, "", [], {})
+
+
+def _entity_errors(checks: Any, value: dict[str, Any]) -> list[Invalid]:
+    """The entity checks our schema uses (Schema.entity_checkers), with Kong's messages."""
+    errors = []
+    for check in checks:
+        (name, fields), = check.items()
+        present = [f for f in fields if _nonempty(value.get(f))]
+        quoted = ", ".join(f"'{f}'" for f in fields)
+        if name == "at_least_one_of" and not present:
+            errors.append(Invalid(f"at least one of these fields must be non-empty: {quoted}"))
+        elif name == "mutually_exclusive" and len(present) > 1:
+            errors.append(Invalid(f"only one or none of these fields must be set: {quoted}"))
+        elif name not in ("at_least_one_of", "mutually_exclusive"):
+            raise NotImplementedError(f"entity check {name}")
+    return errors
 
 
 def _is_errors(value: Any) -> bool:
     return isinstance(value, dict) and "@errors" in value
 
 
-def validate_record(fields: list[dict[str, Any]], value: dict[str, Any]) -> Any:
-    """Validate a record; returns the filled record or {"@errors": {field: message}}."""
+def validate_record(fields: list[dict[str, Any]], value: dict[str, Any], checks: Any = ()) -> Any:
+    """Validate a record; returns the filled record or {"@errors": {field: message}} (entity checks' messages
+    under "@entity", as Kong puts them)."""
     known = {name: spec for f in fields for name, spec in f.items()}
     errors: dict[str, Any] = {name: Invalid("unknown field") for name in value if name not in known}
     out: dict[str, Any] = {}
@@ -98,6 +119,8 @@ def validate_record(fields: list[dict[str, Any]], value: dict[str, Any]) -> Any:
             errors[name] = checked["@errors"]
         else:
             out[name] = checked
+    if entity := _entity_errors(checks, value):
+        errors["@entity"] = entity
     return {"@errors": errors} if errors else out
 
 

@@ -94,6 +94,19 @@ REJECTED = [
     ("body limit too small", _with(["max_body_bytes"], 10), None),
     ("unknown field", _with(["modles"], []), {"modles": "unknown field"}),
     ("alias name with spaces", _with(["models", 0, "name"], "my model"), None),
+    ("alias with neither deployments nor a complexity route", _with(["models", 0, "deployments"], KeyError),
+     {"models": {1: {"@entity": ["at least one of these fields must be non-empty: 'deployments', "
+                                 "'route_by_complexity'"]}}}),
+    ("alias with both deployments and a complexity route",
+     _with(["models", 0, "route_by_complexity"], {"strong": "a", "weak": "b"}),
+     {"models": {1: {"@entity": ["only one or none of these fields must be set: 'deployments', "
+                                 "'route_by_complexity'"]}}}),
+    ("unknown strategy", _with(["models", 0, "strategy"], "round-robin"), None),
+    ("zero weight", _with([*DEPLOYMENT, "weight"], 0), None),
+    ("too many retries", _with(["routing"], {"retries": 11}), None),
+    ("complexity threshold above 1", _with(["models", 0], {"name": "auto", "route_by_complexity": {
+        "strong": "a", "weak": "b", "threshold": 1.5}}), None),
+    ("model access without consumers", _with(["model_access"], [{"models": ["chat"]}]), None),
 ]
 
 
@@ -119,6 +132,30 @@ def test_parse_config_repeats_what_kong_cannot_express() -> None:
         parse_config(_with([*DEPLOYMENT, "api_key"], "{vault://env/x}"))
     with pytest.raises(ConfigError, match=r"models\[0\]\.deployments\[0\]\.model"):
         parse_config(_with([*DEPLOYMENT, "model"], "gpt-4o"))
+
+
+def test_parse_config_checks_alias_references() -> None:
+    """Fallbacks and complexity routes must name other aliases of the route; Kong's schema cannot say so."""
+    base = copy.deepcopy(GOOD)
+    base["models"][0]["fallbacks"] = ["nowhere"]
+    with pytest.raises(ConfigError, match="'nowhere' is not another alias"):
+        parse_config(base)
+    routing = copy.deepcopy(GOOD)
+    routing["models"].append({"name": "auto", "route_by_complexity": {"strong": "chat", "weak": "auto"}})
+    with pytest.raises(ConfigError, match="'auto' is not an alias with deployments"):
+        parse_config(routing)
+    access = dict(copy.deepcopy(GOOD), model_access=[{"consumers": ["bob"], "models": ["gpt-5"]}])
+    with pytest.raises(ConfigError, match="'gpt-5' is not an alias"):
+        parse_config(access)
+
+
+def test_routing_defaults_and_access() -> None:
+    parsed = parse_config(dict(copy.deepcopy(GOOD), model_access=[{"consumers": ["bob"], "models": ["chat"]}]))
+    alias = parsed.models["chat"]
+    assert alias.strategy == "weighted" and alias.deployments[0].id == "chat#0"
+    assert parsed.routing.retries == 2 and parsed.routing.cooldown.allowed_fails == 3
+    assert parsed.allowed("chat", "bob", None) and parsed.allowed("other", "alice", None)
+    assert not parsed.allowed("other", "bob", "bob-id")
 
 
 def test_parse_config_reads_keys_from_the_environment_once() -> None:

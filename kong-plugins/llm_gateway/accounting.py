@@ -367,6 +367,10 @@ class UsageRecord:
     ttft_ms: float | None
     attempts: int = 1
     cache_status: str = "none"
+    deployment: str | None = None  # the deployment that answered (or the last one tried)
+    fallback: str | None = None  # the fallback alias that served, when not the requested one
+    complexity_score: float | None = None  # routing aliases: the prompt's score and the alias it chose
+    complexity_choice: str | None = None
     truncated: bool = False
     timestamp: float = field(default_factory=time.time)
 
@@ -397,6 +401,10 @@ class UsageRecord:
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 3),
             "attempts": self.attempts,
             "cache_status": self.cache_status,
+            "deployment": self.deployment,
+            "fallback": self.fallback,
+            "complexity_score": self.complexity_score,
+            "complexity_choice": self.complexity_choice,
             "truncated": self.truncated,
         }
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_gateway.budgets import WINDOWS, Budget
+from llm_gateway.routing_state import CooldownPolicy
+from llm_gateway.strategies import STRATEGIES
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_BYTES = 1_048_576
@@ -37,6 +39,11 @@ class Deployment:
     api_key: str | None = field(repr=False)  # resolved secret: never logged, never in a response
     timeout: float
     price: Mapping[str, float] | None = None  # per-token USD overriding LiteLLM's price map
+    id: str = ""  # "<alias>#<n>" or the configured name: what X-LLM-Deployment and the records say
+    weight: float = 1.0
+    rpm: int | None = None  # requests per minute this deployment may take (across nodes with Redis)
+    tpm: int | None = None  # tokens per minute
+    health_key: str = ""  # the upstream (model, base, credential) as routing state knows it: see health_key()
 
     @property
     def is_demo(self) -> bool:
@@ -44,11 +51,46 @@ class Deployment:
 
 
 @dataclass(frozen=True)
+class ComplexityRoute:
+    """A routing alias: hard requests go to ``strong``, the others to ``weak`` (both aliases of this route)."""
+
+    strong: str
+    weak: str
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
 class Alias:
-    """A model name clients use, mapped to the deployments that can serve it."""
+    """A model name clients use, mapped to the deployments that can serve it (or, for a routing alias, to two
+    other aliases by prompt complexity), with where to go when they all fail."""
 
     name: str
     deployments: tuple[Deployment, ...]
+    strategy: str = "weighted"
+    fallbacks: tuple[str, ...] = ()
+    context_window_fallbacks: tuple[str, ...] = ()
+    content_policy_fallbacks: tuple[str, ...] = ()
+    complexity: ComplexityRoute | None = None
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """Retries, backoff, the per-request deadline and cooldowns, for every alias of the route."""
+
+    retries: int = 2  # attempts after each deployment of the alias was tried once, before its fallbacks
+    backoff_initial: float = 0.25  # seconds; doubles per retry, with full jitter, capped at backoff_max
+    backoff_max: float = 4.0
+    deadline: float = 120.0  # seconds for the whole request: every attempt, backoff and fallback
+    latency_buffer: float = 0.1
+    cooldown: CooldownPolicy = field(default_factory=CooldownPolicy)
+
+
+@dataclass(frozen=True)
+class ModelAccess:
+    """These consumers (usernames or ids) may use only these aliases."""
+
+    consumers: frozenset[str]
+    models: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -74,6 +116,13 @@ class GatewayConfig:
     redis: RedisSettings | None = None
     route_id: str | None = None  # Kong adds the scope of the plugin to its config: the route, the service
     service_id: str | None = None
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    model_access: tuple[ModelAccess, ...] = ()
+
+    def allowed(self, alias: str, *identities: str | None) -> bool:
+        """A consumer named in model_access may use only the aliases its entries list; others use all."""
+        entries = [a for a in self.model_access if any(i in a.consumers for i in identities if i)]
+        return not entries or any(alias in a.models for a in entries)
 
 
 def config_key(raw: Mapping[str, Any]) -> str:
@@ -101,7 +150,31 @@ def _optional_str(value: Any, where: str) -> str | None:
     return value
 
 
-def _deployment(raw: Any, where: str, env: Mapping[str, str]) -> Deployment:
+def health_key(model: str, api_base: str | None, api_key: str | None) -> str:
+    """Cooldowns, in-flight and rpm/tpm counts belong to the upstream, not to a name in one alias: two aliases
+    (or two routes) sending to the same model at the same base with the same credential share its health.
+    A digest, so the credential never reaches Redis or a log."""
+    material = f"{model}\n{api_base or ''}\n{api_key or ''}".encode()
+    return hashlib.sha256(material).hexdigest()[:20]
+
+
+def _count(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: expected a positive integer")
+    return value
+
+
+def _names(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: expected a list of names")
+    return tuple(value)
+
+
+def _deployment(raw: Any, where: str, env: Mapping[str, str], default_id: str) -> Deployment:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a record")
     model = _optional_str(raw.get("model"), f"{where}.model")
@@ -126,7 +199,119 @@ def _deployment(raw: Any, where: str, env: Mapping[str, str]) -> Deployment:
         api_key=api_key,
         timeout=_number(raw.get("timeout"), f"{where}.timeout", DEFAULT_TIMEOUT),
         price=price or None,
+        id=_optional_str(raw.get("name"), f"{where}.name") or default_id,
+        health_key=health_key(model, raw.get("api_base"), api_key),
+        weight=_number(raw.get("weight"), f"{where}.weight", 1.0),
+        rpm=_count(raw.get("rpm"), f"{where}.rpm"),
+        tpm=_count(raw.get("tpm"), f"{where}.tpm"),
     )
+
+
+def _alias(raw: Any, where: str, env: Mapping[str, str]) -> Alias:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a record")
+    name = _optional_str(raw.get("name"), f"{where}.name")
+    if name is None:
+        raise ConfigError(f"{where}.name: required field missing")
+    deployments_raw = raw.get("deployments") or []
+    complexity_raw = raw.get("route_by_complexity")
+    if not isinstance(deployments_raw, list) or bool(deployments_raw) == (complexity_raw is not None):
+        raise ConfigError(f"{where}: set either deployments (at least one) or route_by_complexity")
+    deployments = tuple(_deployment(d, f"{where}.deployments[{j}]", env, f"{name}#{j}")
+                        for j, d in enumerate(deployments_raw))
+    if len({d.id for d in deployments}) != len(deployments):
+        raise ConfigError(f"{where}.deployments: deployment names must be unique within the alias")
+    complexity = None
+    if complexity_raw is not None:
+        if not isinstance(complexity_raw, Mapping):
+            raise ConfigError(f"{where}.route_by_complexity: expected a record")
+        strong = _optional_str(complexity_raw.get("strong"), f"{where}.route_by_complexity.strong")
+        weak = _optional_str(complexity_raw.get("weak"), f"{where}.route_by_complexity.weak")
+        if strong is None or weak is None:
+            raise ConfigError(f"{where}.route_by_complexity: strong and weak aliases are required")
+        threshold = _number(complexity_raw.get("threshold"), f"{where}.route_by_complexity.threshold", 0.5,
+                            positive=False)
+        if not 0 <= threshold <= 1:
+            raise ConfigError(f"{where}.route_by_complexity.threshold: expected a number between 0 and 1")
+        complexity = ComplexityRoute(strong=strong, weak=weak, threshold=threshold)
+    strategy = raw.get("strategy") or "weighted"
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{where}.strategy: expected one of {', '.join(STRATEGIES)}")
+    return Alias(name, deployments, strategy=strategy, fallbacks=_names(raw.get("fallbacks"), f"{where}.fallbacks"),
+                 context_window_fallbacks=_names(raw.get("context_window_fallbacks"),
+                                                 f"{where}.context_window_fallbacks"),
+                 content_policy_fallbacks=_names(raw.get("content_policy_fallbacks"),
+                                                 f"{where}.content_policy_fallbacks"),
+                 complexity=complexity)
+
+
+def _check_alias_references(models: Mapping[str, Alias]) -> None:
+    """Fallbacks and complexity routes name aliases of the same route; a routing alias routes to aliases
+    with deployments (no chains, so a request resolves in one step)."""
+    for alias in models.values():
+        for kind in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
+            for target in getattr(alias, kind):
+                if target not in models or target == alias.name:
+                    raise ConfigError(f"models.{alias.name}.{kind}: '{target}' is not another alias of this route")
+                if models[target].complexity is not None:
+                    raise ConfigError(f"models.{alias.name}.{kind}: '{target}' is a routing alias")
+        if alias.complexity is not None:
+            for target in (alias.complexity.strong, alias.complexity.weak):
+                if target not in models or models[target].complexity is not None:
+                    raise ConfigError(f"models.{alias.name}.route_by_complexity: '{target}' is not an alias "
+                                      f"with deployments on this route")
+
+
+def _routing(raw: Any) -> RoutingSettings:
+    if raw is None:
+        return RoutingSettings()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("routing: expected a record")
+    retries = raw.get("retries")
+    if retries is None:
+        retries = 2
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+        raise ConfigError("routing.retries: expected an integer between 0 and 10")
+    cooldown_raw = raw.get("cooldown") or {}
+    if not isinstance(cooldown_raw, Mapping):
+        raise ConfigError("routing.cooldown: expected a record")
+    defaults = CooldownPolicy()
+    cooldown = CooldownPolicy(
+        allowed_fails=_count(cooldown_raw.get("allowed_fails"), "routing.cooldown.allowed_fails")
+        or defaults.allowed_fails,
+        window_s=_number(cooldown_raw.get("window"), "routing.cooldown.window", defaults.window_s),
+        cooldown_s=_number(cooldown_raw.get("duration"), "routing.cooldown.duration", defaults.cooldown_s),
+        cool_on_429=cooldown_raw.get("on_rate_limit") is not False,
+        cool_last_healthy=cooldown_raw.get("cool_last_healthy") is True,
+    )
+    return RoutingSettings(
+        retries=retries,
+        backoff_initial=_number(raw.get("backoff_initial"), "routing.backoff_initial", 0.25),
+        backoff_max=_number(raw.get("backoff_max"), "routing.backoff_max", 4.0),
+        deadline=_number(raw.get("deadline"), "routing.deadline", 120.0),
+        latency_buffer=_number(raw.get("latency_buffer"), "routing.latency_buffer", 0.1, positive=False),
+        cooldown=cooldown,
+    )
+
+
+def _model_access(raw: Any, models: Mapping[str, Alias]) -> tuple[ModelAccess, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("model_access: expected an array")
+    entries = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"model_access[{i}]: expected a record")
+        consumers = _names(item.get("consumers"), f"model_access[{i}].consumers")
+        allowed = _names(item.get("models"), f"model_access[{i}].models")
+        if not consumers:
+            raise ConfigError(f"model_access[{i}].consumers: name at least one consumer")
+        for name in allowed:
+            if name not in models:
+                raise ConfigError(f"model_access[{i}].models: '{name}' is not an alias of this route")
+        entries.append(ModelAccess(consumers=frozenset(consumers), models=frozenset(allowed)))
+    return tuple(entries)
 
 
 def _budgets(raw: Any) -> tuple[Budget, ...]:
@@ -180,20 +365,11 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         raise ConfigError("models: at least one model alias is required")
     models: dict[str, Alias] = {}
     for i, alias_raw in enumerate(models_raw):
-        where = f"models[{i}]"
-        if not isinstance(alias_raw, Mapping):
-            raise ConfigError(f"{where}: expected a record")
-        name = _optional_str(alias_raw.get("name"), f"{where}.name")
-        if name is None:
-            raise ConfigError(f"{where}.name: required field missing")
-        if name in models:
-            raise ConfigError(f"{where}.name: alias '{name}' is defined twice")
-        deployments_raw = alias_raw.get("deployments")
-        if not isinstance(deployments_raw, list) or not deployments_raw:
-            raise ConfigError(f"{where}.deployments: at least one deployment is required")
-        models[name] = Alias(name, tuple(
-            _deployment(d, f"{where}.deployments[{j}]", env) for j, d in enumerate(deployments_raw)
-        ))
+        alias = _alias(alias_raw, f"models[{i}]", env)
+        if alias.name in models:
+            raise ConfigError(f"models[{i}].name: alias '{alias.name}' is defined twice")
+        models[alias.name] = alias
+    _check_alias_references(models)
     max_body = raw.get("max_body_bytes")
     if max_body is None:
         max_body = DEFAULT_MAX_BODY_BYTES
@@ -209,7 +385,9 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
                          budget_reservation_tokens=reservation, budget_fail_open=raw.get("budget_fail_open") is True,
                          redis=_redis(raw.get("redis")),
                          route_id=raw.get("route_id") if isinstance(raw.get("route_id"), str) else None,
-                         service_id=raw.get("service_id") if isinstance(raw.get("service_id"), str) else None)
+                         service_id=raw.get("service_id") if isinstance(raw.get("service_id"), str) else None,
+                         routing=_routing(raw.get("routing")),
+                         model_access=_model_access(raw.get("model_access"), models))
 
 
 class ConfigRegistry:

@@ -37,11 +37,15 @@ class Ledger:
         self.request_id, self.consumer, self.consumer_id, self.started = request_id, consumer, consumer_id, started
         self.usage = Usage(decorate=self._decorate_usage)
         self.prices = accounting.prices_for(deployment.model, deployment.price)
+        self.attempts = 0
+        self.serving_alias: str | None = None  # set when a fallback alias served
+        self.complexity: tuple[float, str] | None = None  # (score, chosen alias) for a routing alias
         self.reservation: Reservation | None = None
         self.headroom: Headroom | None = None
         self.provider_started: float | None = None
         self.first_byte: float | None = None
         self._finished = False
+        self._tokens: TokenUsage | None = None
 
     # -- before the provider call --------------------------------------------------------------------------
     async def admit(self) -> dict[str, str]:
@@ -78,6 +82,14 @@ class Ledger:
         self.provider_started = time.monotonic()
         return _headroom_headers(self.headroom)
 
+    def attempt(self, deployment: Deployment, target: Target) -> None:
+        """A new try upstream (retry or fallback): usage is what the deployment that answers reports."""
+        self.attempts += 1
+        if deployment.model != self.deployment.model or deployment.price != self.deployment.price:
+            self.prices = accounting.prices_for(deployment.model, deployment.price)
+        self.deployment, self.target = deployment, target
+        self.usage = Usage(decorate=self._decorate_usage)
+
     # -- after the provider call ----------------------------------------------------------------------------
     def _token_usage(self) -> TokenUsage | None:
         reported = accounting.from_provider_usage(self.usage.usage)
@@ -86,6 +98,11 @@ class Ledger:
         if self.provider_started is None or not (self.usage.text or self.first_byte):
             return None  # nothing reached the provider, or it answered nothing: nothing to charge
         return accounting.estimate_usage(self.target.model, self.chat.params["messages"], "".join(self.usage.text))
+
+    @property
+    def total_tokens(self) -> int:
+        """What the request used, once finished: feeds the deployment's tokens-per-minute count."""
+        return self._tokens.total if self._tokens else 0
 
     def _decorate_usage(self, usage: dict[str, Any]) -> None:
         """Streams carry the cost in the final usage chunk, when the client asked for usage."""
@@ -100,7 +117,7 @@ class Ledger:
             return {}
         self._finished = True
         now = time.monotonic()
-        tokens = self._token_usage()
+        tokens = self._tokens = self._token_usage()
         cost = accounting.cost_usd(tokens, self.prices) if tokens else None
         if self.reservation is not None:
             store = self.runtime.budget_store(self.config)
@@ -118,7 +135,10 @@ class Ledger:
             stream=self.chat.stream, status=status, error_code=error_code, usage=tokens, cost_usd=cost,
             latency_ms=(now - self.started) * 1000,
             ttft_ms=(self.first_byte - self.started) * 1000 if self.first_byte else None, truncated=truncated,
-            cache_status=accounting.cache_status(tokens))
+            cache_status=accounting.cache_status(tokens), attempts=max(1, self.attempts),
+            deployment=self.deployment.id or None, fallback=self.serving_alias,
+            complexity_score=self.complexity[0] if self.complexity else None,
+            complexity_choice=self.complexity[1] if self.complexity else None)
         self.runtime.record_sink(self.config).emit(record)
         overhead = (self.provider_started - self.started) if self.provider_started else None
         self.runtime.metrics.observe(record, overhead_s=overhead)

@@ -11,17 +11,22 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiohttp import web
 
 from llm_gateway import providers, ticket
 from llm_gateway.chat_request import ChatRequest, parse_chat_request
-from llm_gateway.config import Deployment, GatewayConfig
+from llm_gateway.complexity import score_request
+from llm_gateway.config import Alias, Deployment, GatewayConfig
 from llm_gateway.errors import GatewayError, from_provider_exception, internal_error
 from llm_gateway.ledger import Ledger
+from llm_gateway.router import Routed
 from llm_gateway.runtime import Runtime
 
 log = logging.getLogger("llm_gateway.listener")
+T = TypeVar("T")
 
 MAX_BODY_CEILING = 64 * 1024 * 1024 + 1  # the schema's largest max_body_bytes; per-route limits are tighter
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -73,28 +78,28 @@ class Listener:
                 raise GatewayError(413, "The request body is too large.", code="request_too_large") from None
             config, claims = self._admit(request, body)
             chat = parse_chat_request(body)
+            consumer = claims.consumer_username or claims.consumer_id or None
             alias = config.models.get(chat.model)
             if alias is None:
                 raise GatewayError(404, f"The model '{chat.model}' does not exist on this route.",
                                    param="model", code="model_not_found")
-            deployment = alias.deployments[0]
-            target = providers.target_of(deployment)
-            headers["X-LLM-Provider"] = target.provider
-            headers["X-LLM-Model"] = target.model
-            ledger = Ledger(self.runtime, config, request_id=headers["X-Request-ID"],
-                            consumer=claims.consumer_username or claims.consumer_id or None,
-                            consumer_id=claims.consumer_id or None, chat=chat, deployment=deployment, target=target,
-                            started=started)
+            if not config.allowed(alias.name, claims.consumer_username, claims.consumer_id):
+                raise GatewayError(403, f"This consumer may not use the model '{chat.model}'.",
+                                   type="permission_error", param="model", code="model_not_allowed")
+            complexity = None
+            if alias.complexity is not None:
+                complexity = score_request(chat.params)
+                strong = complexity.score >= alias.complexity.threshold
+                alias = config.models[alias.complexity.strong if strong else alias.complexity.weak]
+                headers["X-LLM-Complexity"] = f"{complexity.score:.3f}; routed={alias.name}"
+            first = alias.deployments[0]
+            ledger = Ledger(self.runtime, config, request_id=headers["X-Request-ID"], consumer=consumer,
+                            consumer_id=claims.consumer_id or None, chat=chat, deployment=first,
+                            target=providers.target_of(first), started=started)
+            if complexity is not None:
+                ledger.complexity = (complexity.score, alias.name)
             headers.update(await ledger.admit())  # 429/503 when the consumer's budgets say no (recorded)
-            if chat.stream:
-                return await self._stream(request, chat, deployment, headers, ledger)
-            try:
-                answer = await providers.complete(deployment, chat.params, ledger.usage)
-            except GatewayError as err:
-                headers.update(await ledger.finish(err.status, error_code=err.code))
-                raise
-            headers.update(await ledger.finish(200))
-            return web.Response(status=200, body=answer, content_type="application/json", headers=headers)
+            return await self._answer(request, config, alias, chat, headers, ledger)
         except GatewayError as err:
             return error_response(err, headers)
         except Exception:
@@ -103,13 +108,42 @@ class Listener:
                 await ledger.finish(500, error_code="internal_error")
             return error_response(internal_error(), headers)
 
-    async def _stream(self, request: web.Request, chat: ChatRequest, deployment: Deployment,
-                      headers: dict[str, str], ledger: Ledger) -> web.StreamResponse:
-        try:  # a provider failing before its first event raises here, while a status code can still say so
-            events = await providers.open_stream(deployment, chat.params, chat.include_usage, ledger.usage)
+    async def _route(self, config: GatewayConfig, alias: Alias, chat: ChatRequest, headers: dict[str, str],
+                     ledger: Ledger, call: Callable[[Deployment], Awaitable[T]]) -> Routed[T]:
+        """Retries and fallbacks happen here, before any byte reaches the client; the headers say how it went."""
+        def on_attempt(serving: Alias, deployment: Deployment) -> None:
+            ledger.attempt(deployment, providers.target_of(deployment))
+            ledger.serving_alias = serving.name if serving.name != alias.name else None
+
+        try:
+            routed = await self.runtime.router.route(config, alias, headers["X-Request-ID"], call, on_attempt)
         except GatewayError as err:
+            headers["X-LLM-Attempts"] = str(ledger.attempts)
             headers.update(await ledger.finish(err.status, error_code=err.code))
             raise
+        target = providers.target_of(routed.deployment)
+        headers.update({"X-LLM-Provider": target.provider, "X-LLM-Model": target.model,
+                        "X-LLM-Deployment": routed.deployment.id, "X-LLM-Attempts": str(routed.attempts)})
+        if routed.fallback:
+            headers["X-LLM-Fallback"] = routed.fallback
+            self.runtime.metrics.fallback(chat.model, providers.target_of(alias.deployments[0]).provider,
+                                          target.provider)
+        return routed
+
+    async def _answer(self, request: web.Request, config: GatewayConfig, alias: Alias, chat: ChatRequest,
+                      headers: dict[str, str], ledger: Ledger) -> web.StreamResponse:
+        if not chat.stream:
+            routed = await self._route(config, alias, chat, headers, ledger,
+                                       lambda d: providers.complete(d, chat.params, ledger.usage))
+            try:
+                headers.update(await ledger.finish(200))
+            finally:
+                await routed.done(ledger.total_tokens)
+            return web.Response(status=200, body=routed.result, content_type="application/json", headers=headers)
+        # a provider failing before its first event fails inside the router, while a status code can still say so
+        streamed = await self._route(config, alias, chat, headers, ledger,
+                                     lambda d: providers.open_stream(d, chat.params, chat.include_usage, ledger.usage))
+        events = streamed.result
         ledger.first_byte = time.monotonic()
         response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
         status, code, truncated = 200, None, False
@@ -132,4 +166,5 @@ class Listener:
         finally:
             await events.aclose()  # stop reading from the provider, whatever happened
             await ledger.finish(status, error_code=code, truncated=truncated)
+            await streamed.done(ledger.total_tokens)
         return response

@@ -13,6 +13,8 @@ from llm_gateway.accounting import RecordSink
 from llm_gateway.budgets import BudgetStore, MemoryBudgetStore, RedisBudgetStore
 from llm_gateway.config import ConfigRegistry, GatewayConfig, RedisSettings
 from llm_gateway.metrics import Metrics
+from llm_gateway.router import Router
+from llm_gateway.routing_state import MemoryRoutingState, RedisRoutingState, RoutingState
 from llm_gateway.ticket import TicketBook
 
 
@@ -24,6 +26,22 @@ class Runtime:
     _redis: dict[str, Any] = field(default_factory=dict)
     _stores: dict[tuple, BudgetStore] = field(default_factory=dict)
     _sinks: dict[tuple, RecordSink] = field(default_factory=dict)
+    _routing: dict[tuple, RoutingState] = field(default_factory=dict)
+    router: Router = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.router = Router(self.routing_state, on_cooldown=self.metrics.cooldown)
+
+    def routing_state(self, config: GatewayConfig) -> RoutingState:
+        """Cooldowns and in-flight counts: shared through Redis when the route configures it, else local."""
+        key: tuple = ("redis", config.redis.url, config.redis.key_prefix) if config.redis else ("memory",)
+        if key not in self._routing:
+            if config.redis is None:
+                self._routing[key] = MemoryRoutingState()
+            else:
+                self._routing[key] = RedisRoutingState(self.redis(config.redis),
+                                                       key_prefix=config.redis.key_prefix + "route:")
+        return self._routing[key]
 
     def redis(self, settings: RedisSettings) -> Any:
         if settings.url not in self._redis:
@@ -65,6 +83,9 @@ class Runtime:
         for sink in self._sinks.values():
             with contextlib.suppress(Exception):
                 await sink.close()
+        for state in self._routing.values():
+            with contextlib.suppress(Exception):
+                await state.close()
         for store in self._stores.values():
             with contextlib.suppress(Exception):
                 await store.close()

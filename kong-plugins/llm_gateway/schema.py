@@ -34,6 +34,13 @@ DEPLOYMENT_FIELDS: list[dict[str, Any]] = [
         "type": "number", "default": 60, "gt": 0,
         "description": "Seconds allowed for one provider call (time to the first byte for streams).",
     }},
+    {"name": {
+        "type": "string", "match": "^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        "description": "Names the deployment in X-LLM-Deployment, records and metrics; default <alias>#<n>.",
+    }},
+    {"weight": {"type": "number", "default": 1, "gt": 0, "description": "Share of traffic (weighted strategy)."}},
+    {"rpm": {"type": "integer", "gt": 0, "description": "Requests per minute this deployment may take."}},
+    {"tpm": {"type": "integer", "gt": 0, "description": "Tokens per minute this deployment may take."}},
     {"price": {
         "type": "record", "required": False,
         "description": "Prices overriding LiteLLM's price map for this deployment, in USD per token.",
@@ -41,6 +48,57 @@ DEPLOYMENT_FIELDS: list[dict[str, Any]] = [
             {"input_cost_per_token": {"type": "number", "between": [0, 1]}},
             {"output_cost_per_token": {"type": "number", "between": [0, 1]}},
             {"cache_read_input_token_cost": {"type": "number", "between": [0, 1]}},
+        ],
+    }},
+]
+
+ALIAS_NAMES = {"type": "array", "elements": {"type": "string"}}
+
+ALIAS_FIELDS: list[dict[str, Any]] = [
+    {"name": {"type": "string", "required": True, "match": "^[A-Za-z0-9][A-Za-z0-9._:/-]*$"}},
+    {"deployments": {
+        "type": "array", "len_min": 1,
+        "elements": {"type": "record", "fields": DEPLOYMENT_FIELDS},
+    }},
+    {"strategy": {
+        "type": "string", "default": "weighted", "one_of": ["weighted", "least-busy", "latency", "cost", "priority"],
+        "description": "How a deployment is chosen: weighted random, fewest in flight, lowest latency, lowest "
+                       "price, or kong.yml order.",
+    }},
+    {"fallbacks": dict(ALIAS_NAMES, description="Aliases tried, in order, when every deployment failed.")},
+    {"context_window_fallbacks": dict(ALIAS_NAMES, description="Aliases tried when the prompt is too long.")},
+    {"content_policy_fallbacks": dict(ALIAS_NAMES, description="Aliases tried on a content policy refusal.")},
+    {"route_by_complexity": {
+        "type": "record", "required": False,
+        "description": "Makes this a routing alias: requests scoring at or above threshold go to strong.",
+        "fields": [
+            {"strong": {"type": "string", "required": True}},
+            {"weak": {"type": "string", "required": True}},
+            {"threshold": {"type": "number", "default": 0.5, "between": [0, 1]}},
+        ],
+    }},
+]
+
+ROUTING_FIELDS: list[dict[str, Any]] = [
+    {"retries": {"type": "integer", "default": 2, "between": [0, 10],
+                 "description": "Attempts after each deployment of an alias was tried once, before its "
+                                "fallbacks."}},
+    {"backoff_initial": {"type": "number", "default": 0.25, "gt": 0, "description": "Seconds; doubles per retry."}},
+    {"backoff_max": {"type": "number", "default": 4, "gt": 0}},
+    {"deadline": {"type": "number", "default": 120, "gt": 0,
+                  "description": "Seconds for the whole request: every attempt, backoff and fallback."}},
+    {"latency_buffer": {"type": "number", "default": 0.1, "between": [0, 10],
+                        "description": "Latency strategy: deployments this close (relative) to the fastest share."}},
+    {"cooldown": {
+        "type": "record", "required": False,
+        "fields": [
+            {"allowed_fails": {"type": "integer", "default": 3, "gt": 0}},
+            {"window": {"type": "number", "default": 60, "gt": 0}},
+            {"duration": {"type": "number", "default": 30, "gt": 0}},
+            {"on_rate_limit": {"type": "boolean", "default": True,
+                               "description": "A 429 cools the deployment at once, for its Retry-After."}},
+            {"cool_last_healthy": {"type": "boolean", "default": False,
+                                   "description": "Allow cooling the last deployment of an alias still serving."}},
         ],
     }},
 ]
@@ -60,12 +118,22 @@ CONFIG_FIELDS: list[dict[str, Any]] = [
     {"models": {
         "type": "array", "required": True, "len_min": 1,
         "description": "The model aliases this route offers; clients send the alias as 'model'.",
+        "elements": {"type": "record", "fields": ALIAS_FIELDS, "entity_checks": [
+            {"at_least_one_of": ["deployments", "route_by_complexity"]},
+            {"mutually_exclusive": ["deployments", "route_by_complexity"]},
+        ]},
+    }},
+    {"routing": {
+        "type": "record", "required": False,
+        "description": "Retries, backoff, the per-request deadline and cooldowns.",
+        "fields": ROUTING_FIELDS,
+    }},
+    {"model_access": {
+        "type": "array", "default": [],
+        "description": "Consumers named here may use only the aliases their entries list; others use all.",
         "elements": {"type": "record", "fields": [
-            {"name": {"type": "string", "required": True, "match": "^[A-Za-z0-9][A-Za-z0-9._:/-]*$"}},
-            {"deployments": {
-                "type": "array", "required": True, "len_min": 1,
-                "elements": {"type": "record", "fields": DEPLOYMENT_FIELDS},
-            }},
+            {"consumers": {"type": "array", "required": True, "len_min": 1, "elements": {"type": "string"}}},
+            {"models": {"type": "array", "required": True, "elements": {"type": "string"}}},
         ]},
     }},
     {"max_body_bytes": {
