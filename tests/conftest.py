@@ -57,6 +57,8 @@ def gateway_config(mock: MockProvider) -> dict[str, Any]:
     return {
         "max_body_bytes": MAX_BODY_BYTES,
         "redis": {"url": REDIS_URL, "key_prefix": REDIS_PREFIX, "usage_stream": USAGE_STREAM},
+        # quick retries, so the error tests do not wait on backoff
+        "routing": {"backoff_initial": 0.01, "backoff_max": 0.5},
         "budgets": [{"name": "bob-hourly", "window": "hour", "tokens": BOB_BUDGET_TOKENS, "consumers": ["bob"]}],
         "models": [
             _alias("priced-gpt", "openai/mock-gpt-cached-3-reasoning-2", oa, price=PRICE),

@@ -23,6 +23,9 @@ Behaviour is chosen by tokens of the upstream ``model`` name, separated by '-' a
 ``cut-<n>``        streams: n content chunks, then the connection is closed mid-body (no final chunk,
                    no ``[DONE]`` / ``message_stop``, no terminating HTTP chunk); ``cut-0`` closes right
                    after the headers. JSON: the connection is closed before any response.
+``ctx``            400 as the provider says the prompt exceeds the context window (OpenAI: code
+                   ``context_length_exceeded``; Anthropic: "prompt is too long")
+``policy``         400 as the provider refuses on content policy (OpenAI: code ``content_policy_violation``)
 ``malformed``      JSON: 200 with a body that is not JSON; streams: the first data line is not JSON (the
                    normal events follow)
 ``cached-<n>``     n cached prompt tokens (capped at the prompt tokens)
@@ -90,11 +93,14 @@ class Behaviour:
     words: int | None = None
     malformed: bool = False
     tool: bool = False
+    ctx: bool = False
+    policy: bool = False
 
     @classmethod
     def parse(cls, model: str) -> Behaviour:
         tokens = model.split("-")
-        behaviour = cls(malformed="malformed" in tokens, tool="tool" in model)
+        behaviour = cls(malformed="malformed" in tokens, tool="tool" in model, ctx="ctx" in tokens,
+                        policy="policy" in tokens)
         for name, value in itertools.pairwise(tokens):
             if name in _NUMERIC and value.isdigit():
                 setattr(behaviour, name, int(value))
@@ -394,6 +400,19 @@ class MockProvider:
         key_ok = request.headers.get("x-api-key") == self.required_key
         return await self._answer(request, body, key_ok, "anthropic")
 
+    @staticmethod
+    def _refusal(provider: str, context_window: bool) -> dict:
+        """The 400s that have fallbacks of their own, worded as each provider words them."""
+        if provider == "anthropic":
+            message = ("prompt is too long: 250000 tokens > 200000 maximum" if context_window
+                       else "Output blocked by content filtering policy")
+            return anthropic_error(400, message)
+        if context_window:
+            return openai_error(400, "This model's maximum context length is 8192 tokens. However, your messages "
+                                     "resulted in 250000 tokens.", "context_length_exceeded")
+        return openai_error(400, "Your request was rejected as a result of our safety system.",
+                            "content_policy_violation")
+
     async def _answer(self, request: web.Request, body: dict | None, key_ok: bool,
                       provider: str) -> web.StreamResponse:
         error = openai_error if provider == "openai" else anthropic_error
@@ -411,6 +430,8 @@ class MockProvider:
                 headers["Retry-After"] = str(behaviour.ra)
             message = f"Mock error {behaviour.err} for model {model}."
             return web.json_response(error(behaviour.err, message), status=behaviour.err, headers=headers)
+        if behaviour.ctx or behaviour.policy:
+            return web.json_response(self._refusal(provider, behaviour.ctx), status=400, headers=headers)
         reply = plan_reply(body, behaviour)
         if not body.get("stream"):
             if behaviour.cut is not None:

@@ -225,6 +225,19 @@ def test_chat_completion_through_real_kong(kong: KongContainer) -> None:
     assert response.headers["X-RateLimit-Limit-Tokens"] == "200000"  # kong.yml's hourly-tokens budget
 
 
+def test_routing_through_real_kong(kong: KongContainer) -> None:
+    """kong.yml's chat-default spreads over two demo deployments; auto routes by prompt complexity."""
+    seen = set()
+    for _ in range(12):
+        response = kong.post({**HELLO, "model": "chat-default"})
+        assert response.status_code == 200, response.text
+        assert response.headers["X-LLM-Attempts"] == "1"
+        seen.add(response.headers["X-LLM-Deployment"])
+    assert seen <= {"echo-main", "echo-spare"} and "echo-main" in seen
+    routed = kong.post({**HELLO, "model": "auto"})
+    assert routed.status_code == 200 and routed.headers["X-LLM-Complexity"].endswith("routed=demo")
+
+
 def test_metrics_count_the_consumers_tokens(kong: KongContainer) -> None:
     assert kong.post(HELLO).status_code == 200
     code, output = kong.exec(["/opt/llm-gateway/bin/python", "-c", METRICS_SCRIPT])
