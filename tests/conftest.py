@@ -8,7 +8,7 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,36 @@ REDIS_PREFIX = f"llmgw-test-{RUN_ID}:"
 USAGE_STREAM = f"{REDIS_PREFIX}usage"
 PRICE = {"input_cost_per_token": 1e-6, "output_cost_per_token": 4e-6, "cache_read_input_token_cost": 2.5e-7}
 BOB_BUDGET_TOKENS = 400
+
+
+class RedisNodes:
+    """Redis clients for one test, each playing a Kong node of its own, all on the test's own key prefix;
+    ``close`` drops the test's keys."""
+
+    def __init__(self, name: str) -> None:
+        self.prefix = f"llmgw-test-{name}-{secrets.token_hex(4)}:"
+        self.clients: list[Any] = []
+
+    def client(self) -> Any:
+        import redis.asyncio as aioredis
+
+        self.clients.append(aioredis.from_url(REDIS_URL))
+        return self.clients[-1]
+
+    async def close(self) -> None:
+        if self.clients:
+            keys = [k async for k in self.clients[0].scan_iter(match=f"{self.prefix}*")]
+            if keys:
+                await self.clients[0].delete(*keys)
+        for client in self.clients:
+            await client.aclose()
+
+
+@pytest.fixture
+async def redis_nodes(request: pytest.FixtureRequest) -> AsyncIterator[RedisNodes]:
+    nodes = RedisNodes(request.module.__name__.removeprefix("test_").replace("_", "-"))
+    yield nodes
+    await nodes.close()
 
 
 def free_port() -> int:
@@ -110,11 +140,14 @@ def plugin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginSe
     server.stop()
 
 
+def route_to(server: PluginServerProcess, config: dict[str, Any]) -> KongHarness:
+    """A Kong route (with the test consumers) whose llm-gateway plugin has ``config``, on ``server``."""
+    return KongHarness(server.socket_path, config, CONSUMERS, service_url=f"http://{server.listen}")
+
+
 @pytest.fixture(scope="session")
 def kong(plugin_server: PluginServerProcess, mock_provider: MockProvider) -> Iterator[KongHarness]:
-    harness = KongHarness(plugin_server.socket_path, gateway_config(mock_provider), CONSUMERS,
-                          service_url=f"http://{plugin_server.listen}")
-    with harness:
+    with route_to(plugin_server, gateway_config(mock_provider)) as harness:
         yield harness
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import calendar
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import REDIS_URL
+from conftest import REDIS_URL, RedisNodes
 from llm_gateway.budgets import (
     Budget,
     BudgetExceeded,
@@ -37,23 +37,13 @@ def minute(tokens: int | None = 100, usd: float | None = None, name: str = "m") 
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[Callable]:
-    clients = []
-    prefix = f"llmgw-test-budgets-{secrets.token_hex(4)}:"
-
+def make_store(request: pytest.FixtureRequest, redis_nodes: RedisNodes) -> Callable:
     def make(clock: Clock) -> MemoryBudgetStore | RedisBudgetStore:
         if request.param == "memory":
             return MemoryBudgetStore(clock=clock)
-        clients.append(aioredis.from_url(REDIS_URL))
-        return RedisBudgetStore(clients[-1], key_prefix=prefix, clock=clock)
+        return RedisBudgetStore(redis_nodes.client(), key_prefix=redis_nodes.prefix, clock=clock)
 
-    yield make
-    if clients:
-        keys = [k async for k in clients[0].scan_iter(match=f"{prefix}*")]
-        if keys:
-            await clients[0].delete(*keys)
-    for client in clients:
-        await client.aclose()
+    return make
 
 
 def test_windows_are_fixed_utc_periods() -> None:

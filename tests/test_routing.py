@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import ALICE_KEY, BOB_KEY, CONSUMERS, PROVIDER_KEY, REDIS_URL, free_port, wait_for_record
+from conftest import ALICE_KEY, BOB_KEY, PROVIDER_KEY, REDIS_URL, free_port, route_to, wait_for_record
 from kong_harness import KongHarness, PluginServerProcess, start_plugin_server
 from mock_provider import MockProvider
 
@@ -67,7 +67,7 @@ def _rows(down: str) -> list[Row]:
 ROWS = _rows("http://127.0.0.1:1/v1")  # port 1: nothing listens, the connection is refused
 
 
-def routing_config(mock: MockProvider, prefix: str | None = None) -> dict[str, Any]:
+def routing_config(mock: MockProvider) -> dict[str, Any]:
     oa = mock.openai_base
     models: list[dict[str, Any]] = []
     for row in ROWS:
@@ -107,17 +107,13 @@ def routing_config(mock: MockProvider, prefix: str | None = None) -> dict[str, A
         "model_access": [{"consumers": ["bob"], "models": ["healthy", "auto"]}],
         "models": models,
     }
-    if prefix:
-        config["redis"] = {"url": REDIS_URL, "key_prefix": prefix, "usage_stream": f"{prefix}usage"}
     return config
 
 
 @pytest.fixture(scope="module")
 def routed(plugin_server: PluginServerProcess, mock_provider: MockProvider) -> Iterator[KongHarness]:
     """A second route on the session's plugin server, with the routing config (its own plugin instance)."""
-    harness = KongHarness(plugin_server.socket_path, routing_config(mock_provider), CONSUMERS,
-                          service_url=f"http://{plugin_server.listen}")
-    with harness:
+    with route_to(plugin_server, routing_config(mock_provider)) as harness:
         yield harness
 
 
@@ -270,8 +266,7 @@ def test_cooldown_set_by_one_node_is_honoured_by_the_other(tmp_path_factory: pyt
             servers.append(start_plugin_server(socket_path, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
                                                env={"MOCK_PROVIDER_KEY": PROVIDER_KEY,
                                                     "LLM_GATEWAY_METRICS_LISTEN": "off"}))
-            harnesses.append(KongHarness(socket_path, config, CONSUMERS,
-                                         service_url=f"http://{servers[-1].listen}").start())
+            harnesses.append(route_to(servers[-1], config).start())
         first, _ = post(harnesses[0], "shared")
         assert first.status_code == 200 and first.headers["X-LLM-Attempts"] == "2"  # flaky failed, then cooled
         calls = sum(1 for r in mock_provider.requests if r.body and r.body.get("model") == failing)

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from conftest import REDIS_URL
+from conftest import REDIS_URL, RedisNodes
 from llm_gateway.routing_state import CooldownPolicy, MemoryRoutingState, RedisRoutingState
 
 T0 = float(calendar.timegm((2026, 11, 23, 10, 15, 0)))  # a minute boundary
@@ -45,22 +45,14 @@ async def drop_keys(client: Any, key_prefix: str) -> None:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def make_state(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[Clock], State]]:
+def make_state(request: pytest.FixtureRequest, redis_nodes: RedisNodes) -> Callable[[Clock], State]:
     """Each call is one node: in Redis, its own client on the shared prefix."""
-    clients: list[Any] = []
-    key_prefix = prefix()
-
     def make(clock: Clock) -> State:
         if request.param == "memory":
             return MemoryRoutingState(clock=clock)
-        clients.append(aioredis.from_url(REDIS_URL))
-        return RedisRoutingState(clients[-1], key_prefix=key_prefix, clock=clock)
+        return RedisRoutingState(redis_nodes.client(), key_prefix=redis_nodes.prefix, clock=clock)
 
-    yield make
-    if clients:
-        await drop_keys(clients[0], key_prefix)
-    for client in clients:
-        await client.aclose()
+    return make
 
 
 @pytest.fixture

@@ -80,15 +80,9 @@ class Runtime:
         return self._sinks[key]
 
     async def close(self) -> None:
-        for sink in self._sinks.values():
+        """Flush and close what holds Redis first, then the clients themselves; one failure stops nothing."""
+        closers = [sink.close for sink in self._sinks.values()] + [state.close for state in self._routing.values()]
+        closers += [store.close for store in self._stores.values()] + [c.aclose for c in self._redis.values()]
+        for close in closers:
             with contextlib.suppress(Exception):
-                await sink.close()
-        for state in self._routing.values():
-            with contextlib.suppress(Exception):
-                await state.close()
-        for store in self._stores.values():
-            with contextlib.suppress(Exception):
-                await store.close()
-        for client in self._redis.values():
-            with contextlib.suppress(Exception):
-                await client.aclose()
+                await close()
