@@ -114,9 +114,6 @@ async def _warm_up(demo_base: str) -> None:
             await providers.complete(deployment, messages, Usage())
         except Exception as exc:
             log.warning("warm-up call failed (%s); continuing", type(exc).__name__)
-    from llm_gateway import accounting
-
-    accounting.warm_up()  # tiktoken's first load (0.3-0.5 s) would otherwise land on a budgeted request
     log.info("provider paths warmed up in %.2f s", time.monotonic() - started)
 
 
