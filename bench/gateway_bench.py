@@ -246,7 +246,7 @@ def ours_system(path: stack.PluginPath) -> System:
 
 def bench(args: argparse.Namespace) -> int:
     settings = (Settings(1, 0.2, 0.5, 0.3, min_samples=5, profiles=("0 ms",)) if args.smoke
-                else Settings(3, 1.0, 5.0, 2.0, min_samples=60))
+                else Settings(3, 1.0, 5.0, 2.0, min_samples=40))
     settings.rounds = args.rounds or settings.rounds
     settings.duration = args.duration or settings.duration
     started = time.monotonic()

@@ -97,7 +97,7 @@ def profile_table(profile: str, systems: list[SystemInfo], cells: dict[tuple[str
              "",
              "| system | req/s saturated | req per server CPU-s | latency p50 / p99 ms | overhead p50 / p99 ms "
              "| streams/s saturated | TTFT p50 / p99 ms | TTFT overhead p50 / p99 ms | stream total p50 / p99 ms "
-             "| CPU ms / req (saturated / at rate) | CPU ms / stream chunk | peak RSS MB | errors |",
+             "| server CPU s per 1,000 req (saturated / at rate) | CPU ms / stream chunk | peak RSS MB | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     direct = systems[0].name
     for system in systems:
