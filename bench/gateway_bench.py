@@ -180,7 +180,7 @@ def measure_profile(profile: str, systems: list[System], loadgen: LoadGen,
     return cells, rates
 
 
-def header(mode: str, settings: Settings | None) -> list[str]:
+def header(mode: str, settings: Settings | None, proxy: bool = True) -> list[str]:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# bench/run {mode}: {now}", "", f"* machine: {machine()}", f"* versions: {versions()}",
              "* load generator: bench/loadgen.py, asyncio + aiohttp (uvloop when installed), in a process of its "
@@ -188,11 +188,13 @@ def header(mode: str, settings: Settings | None) -> list[str]:
              "concurrency " + ", ".join(f"{c} ({p})" for p, c in CONCURRENCY.items()) + "; latency: open loop, "
              "timed from each request's scheduled instant",
              "* mock provider: tests/mock_provider.py in its own process (uvloop), 50 content chunks per stream",
-             f"* {kong_note()}",
-             "* LiteLLM Proxy: `litellm --config … --num_workers 1` (uvicorn, uvloop), the same aliases → "
-             "`openai/<mock model>` at the mock with a dummy key; master key set (it refuses to start without "
-             "one; clients send it, as ours send key-auth's apikey), no database, spend logs and updates off, "
-             "LITELLM_LOG=ERROR (which also silences uvicorn's access log), LITELLM_LOCAL_MODEL_COST_MAP=True"]
+             f"* {kong_note()}"]
+    if proxy:
+        lines.append("* LiteLLM Proxy: `litellm --config … --num_workers 1` (uvicorn, uvloop), the same aliases → "
+                     "`openai/<mock model>` at the mock with a dummy key; master key set (it refuses to start "
+                     "without one; clients send it, as ours send key-auth's apikey), no database, spend logs and "
+                     "updates off, LITELLM_LOG=ERROR (which also silences uvicorn's access log), "
+                     "LITELLM_LOCAL_MODEL_COST_MAP=True")
     if settings is not None:
         lines.append(f"* mock latency profiles: {', '.join(settings.profiles)}; {settings.rounds} round(s) of "
                      f"interleaved cells, each {settings.warmup:g} s warm-up + {settings.duration:g} s measured"
@@ -292,6 +294,7 @@ def soak(args: argparse.Namespace) -> int:
         pid = ours.pids["plugin server"]
         load = dict(task(ours, "0 ms", "rate", False, Settings(1, 5.0, seconds, 0.0), args.soak_rate), stream_every=4)
         loadgen = LoadGen()
+        noise = OtherLoad({*ours.pids.values(), mock.pid, loadgen.proc.pid})
         try:
             with ThreadPoolExecutor(1) as pool:
                 future = pool.submit(loadgen.run, load)
@@ -301,6 +304,7 @@ def soak(args: argparse.Namespace) -> int:
                     samples.append((time.monotonic() - t0, stack.rss_mb(pid)))
                     wait([future], timeout=interval)
                 result = future.result()
+            other = noise.report()
         finally:
             loadgen.close()
         peak = stack.peak_rss_mb(pid)
@@ -308,7 +312,9 @@ def soak(args: argparse.Namespace) -> int:
     cpu = 1000 * result["cpu"][str(pid)] / result["requests"] if result["requests"] else math.nan
     info = SystemInfo("ours", "plugin server", peak_rss={"plugin server": peak})
     verdict = report.targets({}, info, info, info, summary)[-1]
-    lines = [*header("--soak", None),
+    by_minute = [min(samples, key=lambda sample: abs(sample[0] - 60 * m))
+                 for m in range(int(samples[-1][0] // 60) + 1)] + [samples[-1]]
+    lines = [*header("--soak", None, proxy=False),
              f"Steady open-loop load against ours: {args.soak_rate:g} req/s, one request in four streamed, mock "
              f"latency 0 ms, {args.minutes:g} min after 5 s of warm-up; the plugin server's RSS (VmRSS) sampled "
              f"every {interval:g} s. {result['requests']} requests, {result['errors']} errors, plugin-server CPU "
@@ -316,8 +322,8 @@ def soak(args: argparse.Namespace) -> int:
              "| RSS start MB | RSS end MB | RSS max MB | slope MB/min | target | status |", "|---|---|---|---|---|---|",
              f"| {summary['start']:.1f} | {summary['end']:.1f} | {summary['max']:.1f} | {summary['slope']:.3f} | "
              f"{verdict.target} (fitted growth ≤ {report.SOAK_TOLERANCE_MB:g} MB) | {verdict.status} |", "",
-             "RSS by minute: " + ", ".join(f"{t / 60:.0f} min {v:.1f}" for t, v in samples
-                                           if int(t / interval) % max(1, int(60 / interval)) == 0)]
+             "RSS by minute: " + ", ".join(f"{t / 60:.1f} min {v:.1f} MB" for t, v in by_minute), "",
+             f"Note: {other}."]
     write("soak", lines)
     return 1 if result["errors"] else 0
 

@@ -208,7 +208,7 @@ def targets(profiles: dict[str, dict[tuple[str, str], Cell]], ours: SystemInfo, 
     else:
         growth = max(0.0, soak["slope"]) * soak["minutes"]
         verdicts.append(Verdict(
-            f"no RSS growth over a {fmt(soak['minutes'], 0)}-minute soak",
+            f"no RSS growth over a {fmt(soak['minutes'], 1)}-minute soak",
             f"start {fmt(soak['start'], 1)}, end {fmt(soak['end'], 1)}, max {fmt(soak['max'], 1)} MB; "
             f"slope {fmt(soak['slope'], 3)} MB/min (least squares)",
             "met" if growth <= SOAK_TOLERANCE_MB else f"missed: {growth:.1f} MB fitted growth"))
