@@ -5,7 +5,9 @@ gateway: client → Kong-side harness (key-auth, access phase over the real sock
          listener → LiteLLM → the same mock provider
 
 The harness is a Python stand-in for Kong's nginx, so its own proxying is counted in the overhead: the figure
-is an upper bound of what the plugin adds inside a real Kong. Also reports the plugin server's RSS.
+is an upper bound of what the plugin adds inside a real Kong. Also reports the plugin server's RSS. Sequential
+requests, no load: the floor under bench/run's loaded figures. The processes are started by bench/stack.py, as
+bench/run starts them (the mock provider in its own process since bench/run was added).
 
     python bench/plugin_path_latency.py [--requests 300]
 """
@@ -13,36 +15,13 @@ is an upper bound of what the plugin adds inside a real Kong. Also reports the p
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
+from stack import CLIENT_KEY, PROVIDER_KEY, mock_provider, plugin_path, rss_mb
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from kong_harness import KongHarness, start_plugin_server  # noqa: E402
-from mock_provider import MockProvider  # noqa: E402
-
-KEY = "bench-key"
 BODY = {"model": "gpt-bench", "messages": [{"role": "user", "content": "Say hello to the benchmark please"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def timed(client: httpx.Client, url: str, body: dict, headers: dict, stream: bool) -> float:
@@ -73,30 +52,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
-    with MockProvider(required_key="bench-provider-key") as mock:
-        sock = str(Path(tempfile.mkdtemp()) / "llm-gateway.sock")
-        server = start_plugin_server(sock, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
-                                     env={"BENCH_PROVIDER_KEY": "bench-provider-key"})
-        rss_start = rss_mb(server.pid)
-        config = {"models": [{"name": "gpt-bench", "deployments": [
-            {"model": "openai/mock-gpt", "api_base": mock.openai_base, "api_key_env": "BENCH_PROVIDER_KEY"}]}]}
-        try:
-            with KongHarness(sock, config, {KEY: {"id": "c1", "username": "bench"}},
-                             service_url=f"http://{server.listen}") as kong, httpx.Client(timeout=30) as client:
-                targets = {
-                    "direct": (f"{mock.openai_base}/chat/completions", dict(BODY, model="mock-gpt"),
-                               {"Authorization": "Bearer bench-provider-key"}),
-                    "gateway": (f"{kong.url}/v1/chat/completions", BODY, {"apikey": KEY}),
-                }
-                results: dict[tuple[str, bool], list[float]] = {(t, s): [] for t in targets for s in (False, True)}
-                for i in range(args.requests + 20):  # interleaved A B A B; the first 20 warm up
-                    for (target, stream), samples in results.items():
-                        elapsed = timed(client, *targets[target], stream=stream)
-                        if i >= 20:
-                            samples.append(elapsed)
-            rss_end = rss_mb(server.pid)
-        finally:
-            server.stop()
+    with mock_provider() as mock, plugin_path({"gpt-bench": "mock-gpt"}, mock) as path:
+        rss_start = rss_mb(path.server.pid)
+        with httpx.Client(timeout=30) as client:
+            targets = {
+                "direct": (f"{mock.openai_base}/chat/completions", dict(BODY, model="mock-gpt"),
+                           {"Authorization": f"Bearer {PROVIDER_KEY}"}),
+                "gateway": (f"{path.url}/v1/chat/completions", BODY, {"apikey": CLIENT_KEY}),
+            }
+            results: dict[tuple[str, bool], list[float]] = {(t, s): [] for t in targets for s in (False, True)}
+            for i in range(args.requests + 20):  # interleaved A B A B; the first 20 warm up
+                for (target, stream), samples in results.items():
+                    elapsed = timed(client, *targets[target], stream=stream)
+                    if i >= 20:
+                        samples.append(elapsed)
+        rss_end = rss_mb(path.server.pid)
     print(f"{args.requests} sequential requests per cell, interleaved, mock provider with no added latency\n")
     print("| measure | direct p50 | gateway p50 | overhead p50 | direct p99 | gateway p99 | overhead p99 |")
     print("|---|---|---|---|---|---|---|")

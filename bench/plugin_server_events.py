@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import msgpack
+from stack import cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x" * 900}]}).encode()
@@ -59,11 +60,6 @@ async def access_event(pool: Pool, instance_id: int) -> None:
     while reply["Data"] != "ret":
         step, answer = ANSWERS.get(reply["Data"]["Method"], ("plugin.Step", None))
         reply = await pool.call(step, {"EventId": reply["EventId"], "Data": answer})
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(socket_path: str, pid: int, config: dict, events: int, concurrency: int) -> dict[str, float]:
