@@ -94,6 +94,7 @@ class OtherLoad:
 
     def __init__(self, pids: set[int]) -> None:
         self.pids = pids
+        self.speed = stack.calibration_ms()
         self.start = self._now()
 
     def _now(self) -> tuple[float, float, float]:
@@ -104,7 +105,8 @@ class OtherLoad:
         other = max(0.0, (busy1 - busy0) - (ours1 - ours0))
         return (f"other processes used {other:.1f} CPU-s during the {t1 - t0:.0f} s of measurement "
                 f"({100 * other / (t1 - t0):.0f}% of one core; the benchmark's own processes "
-                f"{ours1 - ours0:.1f} CPU-s)")
+                f"{ours1 - ours0:.1f} CPU-s); machine speed: a fixed Python loop took {self.speed:.0f} ms before "
+                f"and {stack.calibration_ms():.0f} ms after (lower is faster; compare runs by it)")
 
 
 def kong_note() -> str:

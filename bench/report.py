@@ -172,11 +172,14 @@ def targets(profiles: dict[str, dict[tuple[str, str], Cell]], ours: SystemInfo, 
             f"{fmt(ratio, 1)}× per server CPU-second ({fmt(o_core, 0)} vs {fmt(p_core, 0)} req/CPU-s); "
             f"raw saturated req/s {fmt(raw, 1)}× ({fmt(o_sat.rps, 0)} vs {fmt(p_sat.rps, 0)})",
             check(ratio, 5, "", higher_is_better=True) if proxy.installed else "LiteLLM Proxy not installed"))
+        # CPU per request falls as load rises (wake-ups and syscalls are shared by more requests): all three loads
         cpu_rate = get(ours, "rate-json").cpu_ms_per_request(server)
+        cpu_half = get(ours, "own-rate-json").cpu_ms_per_request(server)
         cpu_sat = o_sat.cpu_ms_per_request(server)
+        loads = {"at the low common rate": cpu_rate, "at half of saturation": cpu_half, "saturated": cpu_sat}
         verdicts.append(Verdict(f"{profile}: plugin-server CPU per request ≤ 2 ms",
-                                f"{fmt(cpu_rate, 2)} ms at the fixed rate, {fmt(cpu_sat, 2)} ms saturated",
-                                check(max(cpu_rate, cpu_sat), 2, "ms")))
+                                "; ".join(f"{fmt(v, 2)} ms {k}" for k, v in loads.items()),
+                                "; ".join(f"{check(v, 2, 'ms')} {k}" for k, v in loads.items())))
         stream = get(ours, "rate-stream")
         per_chunk = stream.cpu_ms_per_chunk(server)
         chunks = sum(stream.chunks) / len(stream.chunks) if stream.chunks else math.nan

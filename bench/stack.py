@@ -58,6 +58,17 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def calibration_ms() -> float:
+    """Milliseconds for a fixed pure-Python loop, best of 3: this VM's speed drifts (2× between runs an hour
+    apart, with no other process busy), and this is the figure that tells two runs' machines apart."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        sum(i * i for i in range(500_000))
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
 def _status_mb(pid: int, key: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
