@@ -28,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -67,20 +68,21 @@ class System:
 
 
 class LoadGen:
-    """bench/loadgen.py in its own process: a task per line in, a result per line out."""
+    """bench/loadgen.py in its own process: a task per line in, its result in a file, "done" per line out."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, str(BENCH / "loadgen.py")], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
+        self.result_path = Path(tempfile.mkdtemp(prefix="bench-loadgen-")) / "result.json"
 
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps(task) + "\n")
+        self.proc.stdin.write(json.dumps(dict(task, result_path=str(self.result_path))) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the load generator died (exit {self.proc.wait()})")
-        return json.loads(line)
+        if line.strip() != "done":
+            raise RuntimeError(f"the load generator failed (exit {self.proc.poll()}): {line[:200]!r}")
+        return json.loads(self.result_path.read_text())
 
     def close(self) -> None:
         if self.proc.stdin:
