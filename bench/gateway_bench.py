@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -351,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the soak (default 10)")
     parser.add_argument("--soak-rate", type=float, default=100.0, help="requests/s during the soak (default 100)")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that every server started (LiteLLM Proxy included) is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return soak(args) if args.soak else bench(args)
 
 
