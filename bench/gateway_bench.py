@@ -318,7 +318,8 @@ def soak(args: argparse.Namespace) -> int:
     info = SystemInfo("ours", "plugin server", peak_rss={"plugin server": peak})
     verdict = report.targets({}, info, info, info, summary)[-1]
     by_minute = [min(samples, key=lambda sample: abs(sample[0] - 60 * m))
-                 for m in range(int(samples[-1][0] // 60) + 1)] + [samples[-1]]
+                 for m in range(int(samples[-1][0] // 60) + 1)]
+    by_minute += [samples[-1]] if by_minute[-1] is not samples[-1] else []
     lines = [*header("--soak", None, proxy=False),
              f"Steady open-loop load against ours: {args.soak_rate:g} req/s, one request in four streamed, mock "
              f"latency 0 ms, {args.minutes:g} min after 5 s of warm-up; the plugin server's RSS (VmRSS) sampled "
