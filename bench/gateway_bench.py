@@ -26,8 +26,10 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -67,20 +69,21 @@ class System:
 
 
 class LoadGen:
-    """bench/loadgen.py in its own process: a task per line in, a result per line out."""
+    """bench/loadgen.py in its own process: a task per line in, its result in a file, "done" per line out."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, str(BENCH / "loadgen.py")], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
+        self.result_path = Path(tempfile.mkdtemp(prefix="bench-loadgen-")) / "result.json"
 
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps(task) + "\n")
+        self.proc.stdin.write(json.dumps(dict(task, result_path=str(self.result_path))) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the load generator died (exit {self.proc.wait()})")
-        return json.loads(line)
+        if line.strip() != "done":
+            raise RuntimeError(f"the load generator failed (exit {self.proc.poll()}): {line[:200]!r}")
+        return json.loads(self.result_path.read_text())
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -315,7 +318,8 @@ def soak(args: argparse.Namespace) -> int:
     info = SystemInfo("ours", "plugin server", peak_rss={"plugin server": peak})
     verdict = report.targets({}, info, info, info, summary)[-1]
     by_minute = [min(samples, key=lambda sample: abs(sample[0] - 60 * m))
-                 for m in range(int(samples[-1][0] // 60) + 1)] + [samples[-1]]
+                 for m in range(int(samples[-1][0] // 60) + 1)]
+    by_minute += [samples[-1]] if by_minute[-1] is not samples[-1] else []
     lines = [*header("--soak", None, proxy=False),
              f"Steady open-loop load against ours: {args.soak_rate:g} req/s, one request in four streamed, mock "
              f"latency 0 ms, {args.minutes:g} min after 5 s of warm-up; the plugin server's RSS (VmRSS) sampled "
@@ -349,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the soak (default 10)")
     parser.add_argument("--soak-rate", type=float, default=100.0, help="requests/s during the soak (default 100)")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that every server started (LiteLLM Proxy included) is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return soak(args) if args.soak else bench(args)
 
 

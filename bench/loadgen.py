@@ -4,11 +4,12 @@ A separate process so that its CPU and GIL are not the benchmark's, and so that 
 the benchmark's process, as in the tests) gets a core's worth of GIL to itself. It still shares the machine's
 cores with the systems under test: that is stated in the output.
 
-Protocol: one JSON task per line on stdin, one JSON result per line on stdout, until stdin closes. A task:
+Protocol: one JSON task per line on stdin; the result, as JSON, in the file the task names (results run to
+megabytes of samples: a file, not a pipe), then "done" on stdout; until stdin closes. A task:
 
     {"mode": "saturate" | "rate", "url", "headers", "body", "stream": bool,
      "concurrency": int (saturate), "min_requests": int (saturate, optional), "rate": float requests/s (rate),
-     "warmup": s, "duration": s,
+     "warmup": s, "duration": s, "result_path": where to write the result,
      "cpu_pids": [pid, ...], "stream_every": int (rate only; 0: never, k: every k-th request streams)}
 
 * saturate: closed loop, `concurrency` workers each sending the next request as soon as one completes;
@@ -29,6 +30,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -160,7 +162,9 @@ def main() -> None:
         pass
     for line in sys.stdin:
         if line.strip():
-            print(json.dumps(asyncio.run(run(json.loads(line)))), flush=True)
+            task = json.loads(line)
+            Path(task["result_path"]).write_text(json.dumps(asyncio.run(run(task))))
+            print("done", flush=True)
 
 
 if __name__ == "__main__":
