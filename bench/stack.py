@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -191,7 +192,8 @@ def proxy_env() -> dict[str, str]:
 
 
 # The proxy refuses to start without a master key; clients authenticate with it, as ours do with key-auth.
-PROXY_MASTER_KEY = "sk-bench-master-key"
+# Generated per run (the proxy wants the "sk-" prefix), so no key-shaped literal sits in the repository.
+PROXY_MASTER_KEY = "sk-" + secrets.token_hex(16)
 PROXY_SETTINGS = {"general_settings": {"master_key": PROXY_MASTER_KEY, "disable_spend_logs": True,
                                        "disable_spend_updates": True},
                   "litellm_settings": {"set_verbose": False, "json_logs": False}}

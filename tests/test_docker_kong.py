@@ -315,7 +315,7 @@ def _gateway(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _literal_api_key(doc: dict[str, Any]) -> None:
-    _gateway(doc)["models"][0]["deployments"][0]["api_key"] = "sk-literal-key-in-kong-yml"
+    _gateway(doc)["models"][0]["deployments"][0]["api_key"] = "a-literal-value-not-a-vault-reference"
 
 
 def _no_models(doc: dict[str, Any]) -> None:

@@ -87,7 +87,7 @@ REJECTED = [
     ("empty models", _with(["models"], []), {"models": "length must be at least 1"}),
     ("alias without deployments", _with(["models", 0, "deployments"], []), None),
     ("deployment without model", _with([*DEPLOYMENT, "model"], KeyError), None),
-    ("literal api key", _with([*DEPLOYMENT, "api_key"], "sk-live-abcdefghijklmnop"), None),
+    ("literal api key", _with([*DEPLOYMENT, "api_key"], "a-literal-value-not-a-vault-reference"), None),
     ("negative timeout", _with([*DEPLOYMENT, "timeout"], -1), None),
     ("timeout as text", _with([*DEPLOYMENT, "timeout"], "soon"), None),
     ("bad env var name", _with([*DEPLOYMENT, "api_key_env"], "OPENAI KEY"), None),
