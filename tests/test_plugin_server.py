@@ -93,7 +93,6 @@ def _forge(ticket: str) -> str:
 
 
 BYPASSES = {
-    "no ticket": lambda t: (BODY, None),
     "garbage ticket": lambda t: (BODY, "v1.garbage"),
     "forged mac": lambda t: (BODY, _forge(t)),
     "other consumer": lambda t: (BODY, t.replace(t.split(".")[5], "Ym9i")),  # "bob"
@@ -109,6 +108,16 @@ def test_listener_refuses_requests_that_did_not_come_through_kong(
     response = listener_post(plugin_server, body, ticket)
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "gateway_bypass"
+
+
+def test_a_request_without_any_ticket_is_a_retryable_503(plugin_server: PluginServerProcess) -> None:
+    """Kong fails open: while the plugin server restarts, a request whose access-phase call failed reaches the
+    listener without a ticket. It went through Kong, so it is not refused as a bypass; it is told to retry."""
+    for ticket in (None, ""):
+        response = listener_post(plugin_server, BODY, ticket)
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "1"
+        assert response.json()["error"]["code"] == "gateway_restarting"
 
 
 def test_expired_ticket_is_refused(rpc: KongRPC, instance: int, plugin_server: PluginServerProcess) -> None:
@@ -195,7 +204,7 @@ def _spawn_server_under_a_parent(tmp_path: Path) -> tuple[subprocess.Popen, int,
         import subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-m", "llm_gateway", "serve", "--socket", {socket_path!r},
                                   "--listen", "127.0.0.1:{free_port()}", "--demo-listen", "127.0.0.1:{free_port()}"],
-                                 stderr=subprocess.DEVNULL)
+                                 stderr=open({str(tmp_path / "child.log")!r}, "wb"))
         print(child.pid, flush=True)
         time.sleep(600)
     """)
@@ -214,19 +223,25 @@ def _alive(pid: int) -> bool:
         return stat.read().split(") ")[1][0] != "Z"
 
 
-def test_server_is_ready_before_kong_can_connect_and_exits_with_its_parent(tmp_path: Path) -> None:
+def test_kong_can_connect_at_once_and_is_answered_when_ready_and_the_server_exits_with_its_parent(
+        tmp_path: Path) -> None:
+    """Kong does not wait for the socket: it is bound within moments of the start, long before LiteLLM is
+    imported, and Kong's first calls (made at once, as Kong would) wait in its backlog and are answered when the
+    server is ready, never refused."""
     parent, child, socket_path = _spawn_server_under_a_parent(tmp_path)
     try:
-        deadline = time.monotonic() + 60
+        spawned = time.monotonic()
         while not os.path.exists(socket_path):
-            assert time.monotonic() < deadline, "the plugin server never listened"
-            time.sleep(0.05)
-        # the socket appears only once LiteLLM is imported and warmed up: the first event is answered at once
+            assert time.monotonic() - spawned < 60, "the plugin server never listened"
+            time.sleep(0.01)
+        log_path = tmp_path / "child.log"
+        assert "LiteLLM imported" not in log_path.read_text()  # the socket came first
         rpc = KongRPC(socket_path)
-        started = time.monotonic()
         iid = start_instance(rpc, {"models": [{"name": "demo", "deployments": [{"model": "demo/echo"}]}]})
         calls, _ = run_access(rpc, iid, {"kong.request.get_raw_body": BODY, "kong.client.get_consumer": ALICE})
-        assert len(calls) == 3 and time.monotonic() - started < 2
+        assert len(calls) == 3  # the call made during the import was answered once the server was ready
+        log = log_path.read_text()
+        assert log.index("LLM listener listening") < log.index("LiteLLM imported") < log.index("plugin server ready")
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         deadline = time.monotonic() + 10

@@ -1,8 +1,10 @@
 """``kong-llm-gateway dump`` (Kong's query_cmd) and ``kong-llm-gateway serve`` (Kong's start_cmd).
 
 ``dump`` must be fast and print only JSON: Kong runs it in every process that loads schemas and decodes the
-whole of stdout. ``serve`` logs to stderr (Kong logs it at INFO) and binds Kong's socket last, once LiteLLM is
-imported and warmed up and the listener is up, so Kong's first connection meets a ready server.
+whole of stdout. ``serve`` logs to stderr (Kong logs it at INFO). It binds Kong's socket and the listener's
+port first, within milliseconds of being started, and accepts on them only once LiteLLM is imported and
+warmed up: Kong's calls made meanwhile wait in the sockets' backlogs and are answered late rather than
+refused (Kong would answer a refused connect() with a bare 500).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -27,6 +30,7 @@ DEFAULT_LISTEN = "127.0.0.1:8787"
 DEFAULT_DEMO_LISTEN = "127.0.0.1:8788"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9542"
 PR_SET_PDEATHSIG = 1
+BACKLOG = 4096
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -80,22 +84,50 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def _start_site(app: object, host: str, port: int, what: str) -> object:
-    """Bind an aiohttp app, retrying while a previous server (being replaced by Kong) still holds the port."""
+def _bind_tcp(host: str, port: int, what: str) -> socket.socket:
+    """Bind and listen at once, retrying while a previous server (being replaced by Kong) still holds the port.
+
+    Connections that arrive before the server accepts wait in the kernel's backlog: a request reaching the
+    listener while LiteLLM is still importing is served a few seconds late instead of refused."""
+    deadline = time.monotonic() + 15
+    while True:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(BACKLOG)
+            log.info("%s listening on %s:%d", what, host, port)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
+
+
+def _bind_unix(path: str) -> socket.socket:
+    """Kong's socket, bound before anything slow is imported: Kong's first connect() succeeds at once (no
+    "[crit] connect() failed", no bare 500) and its calls wait in the backlog until the server accepts them."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a stale socket from a previous run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o660)
+    sock.listen(BACKLOG)
+    return sock
+
+
+async def _serve_http(app: object, sock: socket.socket) -> object:
     from aiohttp import web
 
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            await web.TCPSite(runner, host, port, backlog=4096).start()
-            log.info("%s listening on %s:%d", what, host, port)
-            return runner
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.25)
+    await web.SockSite(runner, sock, backlog=BACKLOG).start()
+    return runner
+
+
+async def _start_site(app: object, host: str, port: int, what: str) -> object:
+    return await _serve_http(app, _bind_tcp(host, port, what))
 
 
 async def _warm_up(demo_base: str) -> None:
@@ -121,7 +153,11 @@ async def serve(args: argparse.Namespace) -> None:
     _die_with_parent()
     parent = os.getppid()
     started = time.monotonic()
-    from llm_gateway import providers  # imports LiteLLM: seconds of CPU, done before Kong can connect
+    # Both sockets Kong talks to exist before the seconds of importing LiteLLM: what arrives meanwhile waits in
+    # the backlog and is served once the server is ready, instead of failing (docs/architecture.md, startup).
+    rpc_socket = _bind_unix(args.socket)
+    listener_socket = _bind_tcp(*args.listen, "LLM listener")
+    from llm_gateway import providers  # imports LiteLLM: seconds of CPU
     from llm_gateway.config import ConfigRegistry
     from llm_gateway.demo_provider import demo_app
     from llm_gateway.listener import Listener
@@ -134,8 +170,7 @@ async def serve(args: argparse.Namespace) -> None:
     runtime = Runtime(registry=ConfigRegistry(), tickets=TicketBook(ttl_seconds=args.ticket_ttl))
     demo_host, demo_port = args.demo_listen
     providers.set_demo_base(f"http://{demo_host}:{demo_port}/v1")
-    runners = [await _start_site(demo_app(), demo_host, demo_port, "demo provider"),
-               await _start_site(Listener(runtime).app, *args.listen, "LLM listener")]
+    runners = [await _start_site(demo_app(), demo_host, demo_port, "demo provider")]
     await _warm_up(f"http://{demo_host}:{demo_port}/v1")
     if args.metrics_listen != "off":
         from llm_gateway.metrics import start_metrics_server
@@ -148,7 +183,8 @@ async def serve(args: argparse.Namespace) -> None:
             log.error("cannot serve metrics on %s: %s", args.metrics_listen, exc)
 
     plugin_server = PluginServer(PLUGIN_NAME, lambda config: LLMGatewayPlugin(config, runtime))
-    rpc = await plugin_server.serve(args.socket)
+    runners.append(await _serve_http(Listener(runtime).app, listener_socket))
+    rpc = await plugin_server.serve(rpc_socket)
     log.info("plugin server ready on %s (pid %d) after %.2f s", args.socket, os.getpid(),
              time.monotonic() - started)
 

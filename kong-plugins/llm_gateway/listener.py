@@ -54,6 +54,10 @@ class Listener:
         """The ticket check: only requests minted by our access phase in Kong get further."""
         try:
             claims = self.runtime.tickets.verify(request.headers.get(ticket.HEADER), body)
+        except ticket.MissingTicket:
+            log.warning("a request reached the listener without a ticket (plugin server restarting?)")
+            raise GatewayError(503, "The gateway is restarting; retry the request.", type="server_error",
+                               code="gateway_restarting", headers={"Retry-After": "1"}) from None
         except ticket.TicketError as exc:
             log.warning("refused a request without a valid ticket: %s", exc)
             raise GatewayError(403, "Requests must come through the Kong gateway.", type="permission_error",

@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -261,9 +262,6 @@ class PluginServer:
             log.exception("rpc %s failed", method)
             return msgpack.packb([1, msgid, f"{method} failed: {type(exc).__name__}", None])
 
-    async def serve(self, socket_path: str) -> asyncio.AbstractServer:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket_path)  # a stale socket from a previous run
-        server = await asyncio.start_unix_server(self.handle_connection, path=socket_path, backlog=4096)
-        os.chmod(socket_path, 0o660)
-        return server
+    async def serve(self, sock: socket.socket) -> asyncio.AbstractServer:
+        """Accept Kong's connections on an already bound and listening Unix socket (see cli._bind_unix)."""
+        return await asyncio.start_unix_server(self.handle_connection, sock=sock)

@@ -23,7 +23,13 @@ UNBOUND = "-"
 
 
 class TicketError(Exception):
-    """The ticket is missing, malformed, forged, expired, replayed, or bound to another request."""
+    """The ticket is malformed, forged, expired, replayed, or bound to another request."""
+
+
+class MissingTicket(TicketError):
+    """No ticket at all. Kong fails open: a request whose access-phase call could not reach the plugin server
+    (while it restarts) is proxied here without one. That is Kong's fault, not the client's, and a retry goes
+    through, so it is answered as retryable, unlike a ticket that is present and wrong."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class TicketBook:
     def verify(self, ticket: str | None, body: bytes) -> Claims:
         """Check a ticket against the body received; consumes it (single use)."""
         if not ticket:
-            raise TicketError("missing ticket")
+            raise MissingTicket("missing ticket")
         parts = ticket.split(".")
         if len(parts) != 8 or parts[0] != VERSION or parts[6] not in ("b", "u"):
             raise TicketError("malformed ticket")
