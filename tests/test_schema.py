@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kong_schema import validate_plugin_config
 from llm_gateway.config import ConfigError, parse_config
 from llm_gateway.schema import kong_schema
+from llm_gateway.schema_validation import validate_plugin_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"models": [{"name": "chat", "deployments": [{"model": "openai/gpt-4o-mini", "api_key_env": "OPENAI_KEY"}]}]}

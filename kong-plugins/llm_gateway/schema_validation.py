@@ -1,9 +1,11 @@
-"""Kong's schema validation, the part our plugin schema uses, for tests without a Kong binary.
+"""Kong's schema validation, the part our plugin schema uses, so a kong.yml can be checked without Kong.
 
-Semantics and messages follow ``kong/db/schema/init.lua`` (3.9.1): unknown fields are refused, ``required``
-means present and not null, strings are non-empty unless ``len_min`` says otherwise, a reference in a
-``referenceable`` string skips the other checks (Kong resolves it later), defaults fill absent fields. The
-docker test runs ``kong config parse`` on the real thing.
+``kong config parse`` cannot check it on Kong 3.9 whenever an external plugin server is configured (it crashes
+in ``kong/runloop/plugin_servers/init.lua``, Kong/kong#7583), and ``kong start`` checks it only when Kong
+starts. Semantics and messages follow ``kong/db/schema/init.lua`` (3.9.1): unknown fields are refused,
+``required`` means present and not null, strings are non-empty unless ``len_min`` says otherwise, a reference in
+a ``referenceable`` string skips the other checks (Kong resolves it later), defaults fill absent fields. The
+real-Kong tests hold these messages against the real thing (``kong start`` with a bad kong.yml).
 """
 
 from __future__ import annotations
