@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kong-llm-gateway", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("dump", help="print the plugin info Kong's pluginserver query_cmd expects")
+    check = sub.add_parser("check", help="check the llm-gateway entries of declarative kong.yml files, without Kong")
+    check.add_argument("files", nargs="+", help="declarative (decK) files, e.g. kong.yml")
     serve = sub.add_parser("serve", help="run the plugin server (Kong's pluginserver start_cmd)")
     env = os.environ.get
     serve.add_argument("--socket", default=env("LLM_GATEWAY_SOCKET"), required=not env("LLM_GATEWAY_SOCKET"),
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(plugin_info()))
         sys.stdout.flush()
         return 0
+    if args.command == "check":
+        return _check(args.files)
     logging.basicConfig(stream=sys.stderr, level=os.environ.get("LLM_GATEWAY_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -76,6 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args))
     return 0
+
+
+def _check(files: list[str]) -> int:
+    """Exit status 1, one line per problem on stderr, when any file would be refused."""
+    from llm_gateway.declarative_check import check_file
+
+    failed = False
+    for path in files:
+        count, problems = check_file(path)
+        for line in problems:
+            print(line, file=sys.stderr)
+        failed = failed or bool(problems)
+        if not problems:
+            print(f"{path}: {count} {PLUGIN_NAME} plugin config(s) valid")
+    return 1 if failed else 0
 
 
 def _die_with_parent() -> None:
