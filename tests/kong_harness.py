@@ -6,9 +6,12 @@ Small on purpose, and faithful where the plugin server can tell the difference. 
 * ``KongRPC``: ``kong/runloop/plugin_servers/rpc/mp_rpc.lua`` ``Rpc:call`` — MessagePack-RPC requests
   ``[0, id, method, [params]]``, notifications ``[2, label, args]`` read in between, response
   ``[1, id, err, result]``; connections pooled and reused (cosocket keepalive), one checked out per call.
-* ``KongHarness``: an HTTP server playing a Route with key-auth (``kong/plugins/key-auth/handler.lua``) then
-  our plugin's access phase (``plugin.lua`` ``get_instance_id``, ``mp_rpc.lua`` ``bridge_loop`` and
-  ``handle_event``), then a proxy to the Service that streams the upstream response back unbuffered.
+* ``KongHarness``: an HTTP server playing a Route as ``kong.yml`` sets it up: its ``pre-function`` (a bearer
+  token becomes ``apikey``, Authorization is removed), key-auth (``kong/plugins/key-auth/handler.lua``, key
+  names ``apikey`` and ``x-api-key``, credentials hidden) with Kong's ``error_template_json`` (the image's
+  ``docker/kong-error-template.json``), then our plugin's access phase (``plugin.lua`` ``get_instance_id``,
+  ``mp_rpc.lua`` ``bridge_loop`` and ``handle_event``), then a proxy to the Service that streams the upstream
+  response back unbuffered.
 * The PDK methods our plugin may call, with ``kong/pdk/*.lua`` semantics, errors dropped as in 3.9.1's
   ``call_pdk_method`` (only the first return value travels).
 """
@@ -19,6 +22,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -36,7 +40,11 @@ import aiohttp
 import msgpack
 from aiohttp import web
 
-PLUGINS_DIR = Path(__file__).resolve().parents[1] / "kong-plugins"
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS_DIR = ROOT / "kong-plugins"
+ERROR_TEMPLATE = (ROOT / "docker" / "kong-error-template.json").read_text().strip()
+KEY_NAMES = ("apikey", "x-api-key")  # kong.yml's key-auth key_names, in order
+BEARER = re.compile(r"^\s*bearer\s+(\S+)\s*$", re.IGNORECASE)  # kong.yml's pre-function pattern
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "content-length", "host"}
 CONSUMER_HEADERS = ("x-consumer-id", "x-consumer-custom-id", "x-consumer-username", "x-credential-identifier",
@@ -215,12 +223,14 @@ class KongHarness:
 
     def __init__(self, socket_path: str, plugin_config: dict[str, Any], consumers: dict[str, dict[str, Any]],
                  service_url: str = "http://127.0.0.1:8787", plugin_name: str = "llm-gateway", workers: int = 2,
-                 client_body_buffer_size: int = 8192, rpc_timeout: float = 60.0) -> None:
+                 client_body_buffer_size: int = 8192, rpc_timeout: float = 60.0,
+                 read_timeout_ms: int = 60000) -> None:
         self.plugin_config = plugin_config
         self.consumers = consumers
         self.service_url = service_url.rstrip("/")
         self.plugin_name = plugin_name
         self.client_body_buffer_size = client_body_buffer_size
+        self.read_timeout_ms = read_timeout_ms  # the Service's read_timeout (Kong's default: 60 s)
         self.rpc = KongRPC(socket_path, rpc_timeout)
         self.rpc.on_server_restart.append(self._reset_instances)
         self.plugin_id = str(uuid.uuid4())
@@ -323,6 +333,9 @@ class KongHarness:
             "kong.request.get_query": lambda max_args=None: {k: [v] for k, v in ctx.query.items()},
             "kong.client.get_consumer": lambda: ctx.consumer,
             "kong.client.get_credential": lambda: ctx.credential,
+            "kong.router.get_service": lambda: {"id": self.service_id, "protocol": "http", "retries": 0,
+                                                "connect_timeout": 60000, "write_timeout": 60000,
+                                                "read_timeout": self.read_timeout_ms},
             "kong.service.request.set_header": set_header,
             "kong.service.request.clear_header": lambda name: ctx.headers.pop(name.lower(), None) and None,
             "kong.service.request.set_path": lambda path: setattr(ctx, "path", path),
@@ -344,21 +357,37 @@ class KongHarness:
         return handler(*args)
 
     # -- HTTP: key-auth, the plugin, the proxy ------------------------------------------------------------
+    @staticmethod
+    def kong_error(status: int, message: str, request_id: str | dict[str, str],
+                   headers: dict[str, str] | None = None) -> web.Response:
+        """kong.response.error: Kong's error_template_json filled with the message, then the request id."""
+        rid = request_id if isinstance(request_id, str) else request_id["X-Kong-Request-Id"]
+        return web.Response(status=status, text=ERROR_TEMPLATE % (message, rid), content_type="application/json",
+                            headers={"X-Kong-Request-Id": rid, **(headers or {})})
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         request_id = uuid.uuid4().hex
         ids = {"X-Kong-Request-Id": request_id}
-        key = request.headers.get("apikey") or request.query.get("apikey")
+        # kong.yml's pre-function: a bearer token is key-auth's apikey unless one was sent; the header goes
+        incoming = {k.lower(): v for k, v in request.headers.items()}
+        bearer = BEARER.match(incoming.get("authorization", ""))
+        if bearer:
+            incoming.setdefault("apikey", bearer.group(1))
+            del incoming["authorization"]
+        if "apikey" in incoming:
+            incoming.pop("x-api-key", None)
+        # key-auth: the first key name present (or the query string), hidden from the upstream once found
+        name = next((n for n in KEY_NAMES if incoming.get(n)), None)
+        key = incoming.pop(name) if name else request.query.get("apikey")
         if not key:
-            return web.json_response({"message": "No API key found in request"}, status=401,
-                                     headers={**ids, "WWW-Authenticate": 'Key realm="kong"'})
+            return self.kong_error(401, "No API key found in request", request_id,
+                                   {"WWW-Authenticate": 'Key realm="kong"'})
         consumer = self.consumers.get(key)
         if consumer is None:
-            return web.json_response({"message": "Unauthorized"}, status=401,
-                                     headers={**ids, "WWW-Authenticate": 'Key realm="kong"'})
+            return self.kong_error(401, "Unauthorized", request_id, {"WWW-Authenticate": 'Key realm="kong"'})
         credential = {"id": str(uuid.uuid5(uuid.NAMESPACE_OID, key)), "consumer": {"id": consumer["id"]},
                       "key": key}
-        headers = {k.lower(): v for k, v in request.headers.items()
-                   if k.lower() not in HOP_BY_HOP and k.lower() not in CONSUMER_HEADERS and k.lower() != "apikey"}
+        headers = {k: v for k, v in incoming.items() if k not in HOP_BY_HOP and k not in CONSUMER_HEADERS}
         headers.update({"x-consumer-id": consumer["id"], "x-consumer-username": consumer.get("username") or "",
                         "x-credential-identifier": credential["id"], "x-kong-request-id": request_id})
         if consumer.get("custom_id"):
@@ -370,7 +399,7 @@ class KongHarness:
             await asyncio.get_running_loop().run_in_executor(self._threads, self._access, ctx, trace)
         except LuaError as exc:
             self.kong_log.append(f"[error] {exc}")
-            return web.json_response({"message": "An unexpected error occurred"}, status=500, headers=ids)
+            return self.kong_error(500, "An unexpected error occurred", request_id)
         finally:
             self.traces.append(trace)
         if ctx.exit is not None:
@@ -383,11 +412,13 @@ class KongHarness:
         base = f"http://{ctx.target[0]}:{ctx.target[1]}" if ctx.target else self.service_url
         query = ("?" + request.query_string) if request.query_string else ""
         try:
-            upstream = await self._session.request(ctx.method, f"{base}{ctx.path}{query}", data=ctx.body,
-                                                   headers=ctx.headers, allow_redirects=False)
+            upstream = await self._session.request(
+                ctx.method, f"{base}{ctx.path}{query}", data=ctx.body, headers=ctx.headers, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_read=self.read_timeout_ms / 1000))
+        except TimeoutError:  # before ClientError: aiohttp's read timeout is both
+            return self.kong_error(504, "The upstream server is timing out", ids)
         except aiohttp.ClientError:
-            return web.json_response({"message": "An invalid response was received from the upstream server"},
-                                     status=502, headers=ids)
+            return self.kong_error(502, "An invalid response was received from the upstream server", ids)
         async with upstream:
             response = web.StreamResponse(status=upstream.status, headers={
                 **{k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP},

@@ -34,7 +34,7 @@ def start_instance(rpc: KongRPC, config: dict[str, Any]) -> int:
 
 def run_access(rpc: KongRPC, instance_id: int, answers: dict[str, Any]) -> tuple[list[dict], Any]:
     """Play Kong's bridge loop by hand: answer each PDK call from ``answers``; returns (calls, last Data)."""
-    step_methods = {"kong.client.get_consumer": "plugin.StepConsumer"}
+    step_methods = {"kong.client.get_consumer": "plugin.StepConsumer", "kong.router.get_service": "plugin.StepService"}
     reply = rpc.call("plugin.HandleEvent", {"InstanceId": instance_id, "EventName": "access"})
     calls = []
     while reply["Data"] != "ret":
@@ -73,8 +73,15 @@ def listener_post(server: PluginServerProcess, body: bytes, ticket: str | None) 
     return httpx.post(f"http://{server.listen}/v1/chat/completions", content=body, headers=headers, timeout=30)
 
 
-def test_access_phase_costs_three_pdk_calls(rpc: KongRPC, instance: int) -> None:
-    calls, end = run_access(rpc, instance, {"kong.request.get_raw_body": BODY, "kong.client.get_consumer": ALICE})
+def test_access_phase_costs_three_pdk_calls(rpc: KongRPC, kong: KongHarness) -> None:
+    """Three PDK calls per request; an instance's first request also reads the Service (its read timeout)."""
+    instance = start_instance(rpc, kong.plugin_config)
+    answers = {"kong.request.get_raw_body": BODY, "kong.client.get_consumer": ALICE,
+               "kong.router.get_service": {"read_timeout": 60000}}
+    first, _ = run_access(rpc, instance, answers)
+    assert [c["Method"] for c in first] == ["kong.request.get_raw_body", "kong.client.get_consumer",
+                                            "kong.router.get_service", "kong.service.request.set_header"]
+    calls, end = run_access(rpc, instance, answers)
     assert [c["Method"] for c in calls] == ["kong.request.get_raw_body", "kong.client.get_consumer",
                                             "kong.service.request.set_header"]
     assert end == "ret"
@@ -239,7 +246,7 @@ def test_kong_can_connect_at_once_and_is_answered_when_ready_and_the_server_exit
         rpc = KongRPC(socket_path)
         iid = start_instance(rpc, {"models": [{"name": "demo", "deployments": [{"model": "demo/echo"}]}]})
         calls, _ = run_access(rpc, iid, {"kong.request.get_raw_body": BODY, "kong.client.get_consumer": ALICE})
-        assert len(calls) == 3  # the call made during the import was answered once the server was ready
+        assert calls[-1]["Method"] == "kong.service.request.set_header"  # answered once the server was ready
         log = log_path.read_text()
         assert log.index("LLM listener listening") < log.index("LiteLLM imported") < log.index("plugin server ready")
         parent.send_signal(signal.SIGKILL)

@@ -1,8 +1,9 @@
 """The Kong-facing shell: the plugin's phase handlers, bound to the PDK. Everything else is plain Python.
 
 The access phase only proves that a request went through Kong (see ``ticket.py``): three PDK calls, four RPC
-round trips, and Kong then proxies the untouched request to the plugin server's loopback listener, which does
-the LLM work and streams its answer back through Kong. There is deliberately no ``response`` phase: it would
+round trips (plus one on an instance's first request, to learn the Service's read timeout), and Kong then
+proxies the untouched request to the plugin server's loopback listener, which does the LLM work and streams
+its answer back through Kong. There is deliberately no ``response`` phase: it would
 make Kong buffer the whole upstream response, streams included.
 """
 
@@ -28,6 +29,7 @@ class LLMGatewayPlugin:
                 check_model(deployment.model)
         self.runtime = runtime
         self.config = runtime.registry.acquire(parsed)
+        self._timeouts_known = False
         if self.config.budgets and self.config is parsed:
             _load_tokenizers(self.config)
 
@@ -40,6 +42,12 @@ class LLMGatewayPlugin:
         if isinstance(body, str):
             body = body.encode()
         consumer = await kong.client.get_consumer()
+        if not self._timeouts_known:  # once per instance: the Service's timeouts change only with the config
+            self._timeouts_known = True
+            service = await kong.router.get_service()
+            read_timeout = service.get("read_timeout") if isinstance(service, dict) else None
+            if isinstance(read_timeout, int | float) and not isinstance(read_timeout, bool) and read_timeout > 0:
+                self.runtime.note_kong_read_timeout(self.config, read_timeout / 1000)
         minted = self.runtime.tickets.mint(self.config.key, body, consumer)
         await kong.service.request.set_header(ticket.HEADER, minted)
 

@@ -86,8 +86,10 @@ class Router:
     """One per process: the shared state, this node's latency averages and prices, a random source."""
 
     def __init__(self, state_for: Callable[[GatewayConfig], RoutingState],
-                 on_cooldown: Callable[[str, str], None] | None = None, rng: random.Random | None = None) -> None:
+                 on_cooldown: Callable[[str, str], None] | None = None, rng: random.Random | None = None,
+                 deadline_for: Callable[[GatewayConfig], float] | None = None) -> None:
         self._state_for = state_for
+        self._deadline_for = deadline_for or (lambda config: config.routing.deadline)
         self._on_cooldown = on_cooldown or (lambda alias, deployment: None)
         self.latency = strategies.LatencyTracker()
         self._rng = rng or random.Random()
@@ -141,7 +143,7 @@ class _Run(Generic[T]):
         self.call, self.on_attempt = call, on_attempt
         self.settings: RoutingSettings = config.routing
         self.state = router._state_for(config)
-        self.deadline = time.monotonic() + self.settings.deadline
+        self.deadline = time.monotonic() + router._deadline_for(config)
         self.attempts = 0
         self.last_error: GatewayError | None = None
         self.next_available: float | None = None  # earliest end of a cooldown that stopped us

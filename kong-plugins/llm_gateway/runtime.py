@@ -6,6 +6,7 @@ them), created once and reused by every request.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,11 @@ from llm_gateway.router import Router
 from llm_gateway.routing_state import MemoryRoutingState, RedisRoutingState, RoutingState
 from llm_gateway.ticket import TicketBook
 
+log = logging.getLogger("llm_gateway.runtime")
+
+# Kong's read timeout, less this, is how long the gateway may take before its answer (or error) starts.
+KONG_TIMEOUT_MARGIN_S = 2.0
+
 
 @dataclass
 class Runtime:
@@ -27,10 +33,29 @@ class Runtime:
     _stores: dict[tuple, BudgetStore] = field(default_factory=dict)
     _sinks: dict[tuple, RecordSink] = field(default_factory=dict)
     _routing: dict[tuple, RoutingState] = field(default_factory=dict)
+    _kong_read_timeouts: dict[str, float] = field(default_factory=dict)
     router: Router = field(init=False)
 
     def __post_init__(self) -> None:
-        self.router = Router(self.routing_state, on_cooldown=self.metrics.cooldown)
+        self.router = Router(self.routing_state, on_cooldown=self.metrics.cooldown, deadline_for=self.deadline)
+
+    def note_kong_read_timeout(self, config: GatewayConfig, seconds: float) -> None:
+        """The read timeout of the Service Kong proxies this route to (the listener): Kong answers 504 after it,
+        whatever the gateway is still doing, so every request's routing must end before it."""
+        if self._kong_read_timeouts.get(config.key) == seconds:
+            return
+        self._kong_read_timeouts[config.key] = seconds
+        if config.routing.deadline > seconds - KONG_TIMEOUT_MARGIN_S:
+            log.warning("routing.deadline (%g s) does not fit in the Service's read_timeout (%g s): requests on "
+                        "route %s end after %g s; raise the Service's read_timeout to keep the deadline",
+                        config.routing.deadline, seconds, config.route_id or "?", self.deadline(config))
+
+    def deadline(self, config: GatewayConfig) -> float:
+        """Seconds one request may spend routing: the configured deadline, cut to fit Kong's read timeout."""
+        kong_limit = self._kong_read_timeouts.get(config.key)
+        if kong_limit is None:
+            return config.routing.deadline
+        return max(1.0, min(config.routing.deadline, kong_limit - KONG_TIMEOUT_MARGIN_S))
 
     def routing_state(self, config: GatewayConfig) -> RoutingState:
         """Cooldowns and in-flight counts: shared through Redis when the route configures it, else local."""
