@@ -183,3 +183,65 @@ def test_shipped_kong_yml_is_valid() -> None:
     parsed = parse_config(filled)
     assert any(d.is_demo for a in parsed.models.values() for d in a.deployments)
     assert doc["consumers"], "demo consumers are part of the example"
+
+
+def _run_check(*files: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llm_gateway", "check", *map(str, files)], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def test_the_image_builds_step_checks_the_shipped_kong_yml() -> None:
+    """Dockerfile.kong checks kong.yml with our command (``kong config parse`` crashes on Kong 3.9 with an
+    external plugin server): the same command passes on the shipped file."""
+    dockerfile = (ROOT / "Dockerfile.kong").read_text()
+    assert "RUN /opt/llm-gateway/bin/kong-llm-gateway check /kong/kong.yml" in dockerfile
+    assert "kong config parse" not in dockerfile.replace("`kong config parse`", "")
+    result = _run_check(ROOT / "kong.yml")
+    assert result.returncode == 0, result.stderr
+    assert "1 llm-gateway plugin config(s) valid" in result.stdout
+
+
+def _shipped() -> dict:
+    return yaml.safe_load((ROOT / "kong.yml").read_text())
+
+
+def _ours(doc: dict) -> dict:
+    return next(p for p in doc["services"][0]["routes"][0]["plugins"] if p["name"] == "llm-gateway")["config"]
+
+
+BAD_FILES = {
+    "literal api key": (lambda c: c["models"][0]["deployments"][0].update(api_key="literal"),
+                        "config.models[0].deployments[0].api_key: should start with: {vault://"),
+    "unknown field": (lambda c: c.update(temperature=0.2), "config.temperature: unknown field"),
+    "no deployments": (lambda c: c["models"][0].update(deployments=[]), "config.models[0].deployments"),
+    "fallback to nowhere": (lambda c: c["models"][1].update(fallbacks=["nowhere"]), "'nowhere' is not another alias"),
+    "unknown provider": (lambda c: c["models"][0]["deployments"][0].update(model="nope/x"),
+                         "config.models[0].deployments[0].model: model 'nope/x': unknown provider 'nope'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_check_refuses_a_bad_kong_yml_naming_the_field(case: str, tmp_path: Path) -> None:
+    mutate, expected = BAD_FILES[case]
+    doc = _shipped()
+    mutate(_ours(doc))
+    path = tmp_path / "kong.yml"
+    path.write_text(yaml.safe_dump(doc))
+    result = _run_check(path)
+    assert result.returncode == 1
+    assert f"{path}: services[0].routes[0].plugins[" in result.stderr and expected in result.stderr, result.stderr
+
+
+def test_check_finds_the_plugin_wherever_deck_allows_it(tmp_path: Path) -> None:
+    from llm_gateway.declarative_check import check_file
+
+    bad = {"models": [{"name": "x", "deployments": [{"model": "demo/x", "api_key": "literal"}]}]}
+    doc = {"_format_version": "3.0", "plugins": [{"name": "llm-gateway", "config": bad}],
+           "routes": [{"name": "r", "paths": ["/r"], "plugins": [{"name": "llm-gateway", "config": bad}]}],
+           "consumers": [{"username": "c", "plugins": [{"name": "llm-gateway", "config": bad}]}]}
+    path = tmp_path / "kong.yml"
+    path.write_text(yaml.safe_dump(doc))
+    count, problems = check_file(path, models=False)
+    assert count == 3
+    assert [p.split(": ")[1] for p in problems] == ["plugins[0] (llm-gateway)", "routes[0].plugins[0] (llm-gateway)",
+                                                   "consumers[0].plugins[0] (llm-gateway)"]

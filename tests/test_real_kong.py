@@ -1,0 +1,306 @@
+"""Real Kong 3.9 in front of the plugin server: the image of ``Dockerfile.kong`` (docker SDK) or a local
+``kong`` binary (``KONG_BIN`` or PATH), with the same assertions. Each way skips, saying why, when it is not
+available here. See ``real_kong.py`` for how each is started (the settings are ``Dockerfile.kong``'s own).
+
+What only a real Kong can show: key-auth, pre-function and rate-limiting really run first and answer in
+OpenAI's error shape through ``error_template_json``; nginx really proxies to the listener and streams SSE;
+``kong start`` really refuses a bad kong.yml; Kong really respawns a killed plugin server and fails open
+while it is gone; ``kong reload`` really replaces plugin instances; two nginx workers really share one
+plugin server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from mock_provider import MockProvider
+from real_kong import (
+    IMAGE,
+    ROOT,
+    DockerKong,
+    LocalKong,
+    Ports,
+    RealKong,
+    declarative_config,
+    local_binary,
+    wait_until_serving,
+)
+
+pytestmark = [pytest.mark.real_kong, pytest.mark.timeout(1800)]
+
+ALICE = "demo-key-alice"  # kong.yml's demo consumers
+PROVIDER_KEY = "real-kong-provider-key-" + secrets.token_hex(8)  # OPENAI_API_KEY of Kong's environment
+HELLO = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _mock_alias(name: str, model: str, base: str) -> dict[str, Any]:
+    return {"name": name, "deployments": [{"model": model, "api_base": base, "api_key_env": "OPENAI_API_KEY"}]}
+
+
+def _models(mock: MockProvider) -> list[dict[str, Any]]:
+    return [_mock_alias("gpt-mock", "openai/mock-gpt", mock.openai_base),
+            _mock_alias("drip", "openai/mock-gpt-drip-100-words-12", mock.openai_base),
+            _mock_alias("claude-mock", "anthropic/mock-claude", mock.anthropic_base),
+            _mock_alias("hangs", "openai/mock-slow-30000", mock.openai_base)]
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[MockProvider]:
+    with MockProvider(required_key=PROVIDER_KEY) as provider:
+        yield provider
+
+
+def _docker(request: pytest.FixtureRequest) -> tuple[Any, Any]:
+    try:
+        import docker
+
+        engine = docker.from_env()
+        engine.ping()
+    except Exception as exc:
+        pytest.skip(f"no Docker engine answers ({type(exc).__name__}): the image way needs one")
+    if not engine.api.base_url.startswith(("http+docker://localhost", "http+docker://localunixsocket")):
+        pytest.skip(f"the Docker engine at {engine.api.base_url} is not local: its host network is not ours")
+    try:
+        image, _ = engine.images.build(path=str(ROOT), dockerfile="Dockerfile.kong", tag=IMAGE, rm=True)
+    except docker.errors.BuildError as exc:
+        log = "".join(str(c.get("stream") or c.get("error") or "") for c in exc.build_log)
+        pytest.fail(f"docker build -f Dockerfile.kong failed: {exc.msg}\n{log[-8000:]}")
+    return engine, image
+
+
+@pytest.fixture(scope="module", params=["image", "binary"])
+def kong(request: pytest.FixtureRequest, mock: MockProvider) -> Iterator[RealKong]:
+    ports = Ports()
+    doc = declarative_config(ports.listener, mock.base_url, _models(mock))
+    env = {"OPENAI_API_KEY": PROVIDER_KEY}
+    if request.param == "binary":
+        binary, reason = local_binary()
+        if binary is None:
+            pytest.skip(reason)
+        started: RealKong = LocalKong(binary, doc, ports, env).start()
+    else:
+        engine, image = _docker(request)
+        started = DockerKong(engine, image, doc, ports, env)
+    started.startup_answers = wait_until_serving(started, HELLO, ALICE)  # type: ignore[attr-defined]
+    started.doc = doc  # type: ignore[attr-defined]
+    started.mock = mock  # type: ignore[attr-defined]
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def _openai(kong: RealKong, **kwargs: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{kong.url}/v1", api_key=ALICE, max_retries=0, **kwargs)
+
+
+def _is_openai_error(text: str) -> bool:
+    try:
+        error = json.loads(text)["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(error.get("message"), str) and isinstance(error.get("type"), str)
+
+
+# --- starting -----------------------------------------------------------------------------------------------
+
+
+def test_from_the_first_request_kong_answers_in_openai_shape(kong: RealKong) -> None:
+    """While the plugin server imports LiteLLM, requests wait or get a retryable error; never a 403, never
+    Kong's bare {"message"} 500."""
+    for status, _, text in kong.startup_answers:  # type: ignore[attr-defined]
+        assert status != 403, text
+        if status not in (0, 200):
+            assert status >= 500 and _is_openai_error(text), (status, text)
+
+
+# --- the front door -------------------------------------------------------------------------------------------
+
+
+def test_json_and_stream_through_kong_with_the_openai_sdk(kong: RealKong) -> None:
+    client = _openai(kong)
+    raw = client.chat.completions.with_raw_response.create(model="gpt-mock", messages=HELLO["messages"])
+    assert raw.parse().choices[0].message.content.startswith("Hello from mock-gpt")
+    assert raw.headers["X-LLM-Provider"] == "openai" and raw.headers["X-RateLimit-Limit-Minute"]
+    claude = client.chat.completions.create(model="claude-mock", messages=HELLO["messages"])
+    assert claude.choices[0].message.content
+    arrivals, text = [], []
+    with client.chat.completions.create(model="drip", messages=HELLO["messages"], stream=True) as stream:
+        for chunk in stream:
+            arrivals.append(time.monotonic())
+            text += [c.delta.content or "" for c in chunk.choices]
+    assert "".join(text).split() == [f"w{i}" for i in range(1, 13)]
+    # 12 words 100 ms apart upstream: they reach the client apart too, not in one burst at the end
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert sum(1 for gap in gaps if gap > 0.05) >= 8, gaps
+
+
+@pytest.mark.parametrize("headers", [{"apikey": ALICE}, {"Authorization": f"Bearer {ALICE}"}, {"x-api-key": ALICE}],
+                         ids=["apikey", "bearer", "x-api-key"])
+def test_each_sdk_way_of_sending_the_key_authenticates(kong: RealKong, headers: dict[str, str]) -> None:
+    response = httpx.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+
+
+def test_the_consumers_key_never_travels_past_kong(kong: RealKong) -> None:
+    marker = secrets.token_hex(6)
+    for headers in ({"Authorization": f"Bearer {ALICE}"}, {"x-api-key": ALICE},
+                    {"apikey": ALICE, "x-api-key": ALICE, "Authorization": f"Bearer {ALICE}"}):
+        httpx.post(f"{kong.url}/echo/v1/chat/completions", json=HELLO, headers={**headers, "X-Marker": marker},
+                   timeout=30)
+    seen = [r for r in kong.mock.requests if r.headers.get("x-marker") == marker]  # type: ignore[attr-defined]
+    assert len(seen) == 3
+    for request in seen:
+        assert ALICE not in json.dumps(request.headers)
+        assert request.headers.get("x-consumer-username") == "alice"
+
+
+def test_kongs_own_401_and_429_are_openai_errors(kong: RealKong) -> None:
+    with pytest.raises(openai.AuthenticationError) as unauthenticated:
+        openai.OpenAI(base_url=f"{kong.url}/v1", api_key="not-a-key", max_retries=0).chat.completions.create(
+            model="demo", messages=HELLO["messages"])
+    assert unauthenticated.value.type == "gateway_error" and unauthenticated.value.message
+    tight = _openai(kong, base_url=f"{kong.url}/tight/v1")
+    statuses = []
+    for _ in range(4):
+        try:
+            tight.chat.completions.create(model="demo", messages=HELLO["messages"])
+            statuses.append(200)
+        except openai.RateLimitError as exc:
+            statuses.append(429)
+            assert exc.type == "gateway_error" and "rate limit" in exc.message.lower()
+    assert statuses[:2] == [200, 200] and statuses[2:] == [429, 429]
+
+
+def test_bodies_up_to_the_limit_pass_and_over_it_are_413(kong: RealKong) -> None:
+    for size in (200_000, 900_000):
+        body = {"model": "gpt-mock", "messages": [{"role": "user", "content": "x " * (size // 2)}]}
+        response = httpx.post(f"{kong.url}/v1/chat/completions", json=body, headers={"apikey": ALICE}, timeout=60)
+        assert response.status_code == 200, (size, response.text[:300])
+    too_big = {"model": "gpt-mock", "messages": [{"role": "user", "content": "x" * 1_100_000}]}
+    response = httpx.post(f"{kong.url}/v1/chat/completions", json=too_big, headers={"apikey": ALICE}, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_the_listener_refuses_what_did_not_come_through_kong(kong: RealKong) -> None:
+    listener = f"http://127.0.0.1:{kong.ports.listener}/v1/chat/completions"
+    body = json.dumps(HELLO).encode()
+    status, text = kong.inside_post(listener, body, {"Content-Type": "application/json"})
+    assert status == 503 and json.loads(text)["error"]["code"] == "gateway_restarting"  # no ticket: retryable
+    status, text = kong.inside_post(listener, body, {"Content-Type": "application/json",
+                                                     "X-LLM-Gateway-Ticket": "v1.a.b.c.d.e.b.forged"})
+    assert status == 403 and json.loads(text)["error"]["code"] == "gateway_bypass"
+
+
+def test_provider_keys_reach_the_plugin_server_and_no_key_reaches_its_metrics(kong: RealKong) -> None:
+    assert kong.plugin_server_env().get("OPENAI_API_KEY") == PROVIDER_KEY  # through nginx_main_env
+    assert httpx.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers={"apikey": ALICE},
+                      timeout=30).status_code == 200
+    status, metrics = kong.inside_get(f"http://127.0.0.1:{kong.ports.metrics}/metrics")
+    assert status == 200
+    assert any(line.startswith("llm_gateway_tokens_total{") and 'consumer="alice"' in line
+               for line in metrics.splitlines())
+    assert ALICE not in metrics and PROVIDER_KEY not in metrics
+
+
+def test_two_nginx_workers_share_one_plugin_server(kong: RealKong) -> None:
+    assert len(kong.worker_pids()) == 2
+    with httpx.Client(timeout=30) as http:
+        statuses = {http.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers={"apikey": ALICE}).status_code
+                    for _ in range(40)}
+    assert statuses == {200}
+
+
+def test_the_deadline_ends_before_kongs_read_timeout(kong: RealKong) -> None:
+    """/short's Service gives up after 4 s; the provider hangs for 30: the client gets the gateway's 504."""
+    response = httpx.post(f"{kong.url}/short/v1/chat/completions", json={**HELLO, "model": "hangs"},
+                          headers={"apikey": ALICE}, timeout=60)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "provider_timeout"  # the gateway's, not Kong's template
+
+
+# --- faults and changes ---------------------------------------------------------------------------------------
+
+
+def test_kill_9_of_the_plugin_server_under_traffic(kong: RealKong) -> None:
+    """While it is gone Kong fails closed (502); after Kong respawns it nothing is refused as a bypass, and
+    every non-200 on the way is a retryable error in OpenAI's shape."""
+    answers: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    r = http.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers={"apikey": ALICE})
+                    answers.append((time.monotonic(), r.status_code, r.text[:300]))
+                except httpx.HTTPError as exc:
+                    answers.append((time.monotonic(), 0, type(exc).__name__))
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    killed_at, old_pid = time.monotonic(), kong.kill_plugin_server()
+    recovered = None
+    while time.monotonic() - killed_at < 45 and recovered is None:
+        time.sleep(0.25)
+        late = [a for a in answers if a[0] > killed_at + 0.5]
+        if len(late) > 20 and all(status == 200 for _, status, _ in late[-20:]):
+            recovered = late[-20][0]
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert recovered is not None, f"no recovery in 45 s: {answers[-10:]}"
+    assert kong.plugin_server_pid() not in (None, old_pid)
+    after = [a for a in answers if a[0] > killed_at]
+    assert not [a for a in after if a[1] == 403], "a request that came through Kong was refused as a bypass"
+    for _, status, text in after:
+        if status != 200:
+            assert status in (500, 502, 503) and _is_openai_error(text), (status, text)
+    assert recovered - killed_at < 30  # Kong respawns it within a second or so; LiteLLM imports in seconds
+
+
+def test_kong_reload_with_a_changed_alias_list(kong: RealKong) -> None:
+    log_before = len(kong.error_log())
+    doc = json.loads(json.dumps(kong.doc))  # type: ignore[attr-defined]
+    gateway = next(p for p in doc["services"][0]["routes"][0]["plugins"] if p["name"] == "llm-gateway")
+    gateway["config"]["models"].append({"name": "reloaded", "deployments": [{"model": "demo/reloaded"}]})
+    kong.reload(doc)
+    deadline = time.monotonic() + 30
+    while True:
+        response = httpx.post(f"{kong.url}/v1/chat/completions", json={**HELLO, "model": "reloaded"},
+                              headers={"apikey": ALICE}, timeout=30)
+        if response.status_code == 200:
+            break
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.5)
+    time.sleep(1)
+    new_lines = kong.error_log()[log_before:]
+    assert "closed" in new_lines and "instance" in new_lines, new_lines[-3000:]  # old instances closed
+    errors = [line for line in new_lines.splitlines() if "[error]" in line or "[crit]" in line or "[alert]" in line]
+    assert not errors, errors
+    kong.reload(kong.doc)  # type: ignore[attr-defined]
+
+
+def _bad_api_key(doc: dict[str, Any]) -> None:
+    gateway = next(p for p in doc["services"][0]["routes"][0]["plugins"] if p["name"] == "llm-gateway")
+    gateway["config"]["models"][0]["deployments"][0]["api_key"] = "a-literal-value-not-a-vault-reference"
+
+
+def test_kong_start_refuses_a_bad_kong_yml_naming_the_field(kong: RealKong) -> None:
+    bad = declarative_config(kong.ports.listener, "http://127.0.0.1:9", [], mutate=_bad_api_key)
+    refused, said = kong.start_refused(bad)
+    assert refused, said[-3000:]
+    assert "api_key" in said and "should start with: {vault://" in said, said[-3000:]
