@@ -75,7 +75,7 @@ def declarative_config(listener_port: int, mock_base: str, extra_models: list[di
                        mutate: Any = None) -> dict[str, Any]:
     """The shipped kong.yml, pointed at this run's listener, with the test aliases and routes:
 
-    * the LLM route gets the mock-backed aliases, and a rate limit no test reaches;
+    * the LLM route gets the mock-backed aliases, and a rate limit and budgets no test reaches;
     * ``/tight``: the same chain with rate-limiting at 2 a minute (Kong's own 429);
     * ``/short``: a Service with a 4 s read_timeout (the routing deadline must fit in it);
     * ``/echo``: the same front door, but the Service is the mock itself, which records what Kong forwarded.
@@ -86,6 +86,8 @@ def declarative_config(listener_port: int, mock_base: str, extra_models: list[di
     route = service["routes"][0]
     plugins = {p["name"]: p for p in route["plugins"]}
     plugins["rate-limiting"]["config"]["minute"] = 1_000_000
+    for budget in plugins["llm-gateway"]["config"].get("budgets") or ():
+        budget["tokens"] = 100_000_000  # what the tests send must not run into the demo budgets
     plugins["llm-gateway"]["config"]["models"] += extra_models
     front_door = [copy.deepcopy(plugins["pre-function"]), copy.deepcopy(plugins["key-auth"])]
 

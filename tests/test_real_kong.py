@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import secrets
 import threading
 import time
@@ -41,6 +42,9 @@ pytestmark = [pytest.mark.real_kong, pytest.mark.timeout(1800)]
 ALICE = "demo-key-alice"  # kong.yml's demo consumers
 PROVIDER_KEY = "real-kong-provider-key-" + secrets.token_hex(8)  # OPENAI_API_KEY of Kong's environment
 HELLO = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+# Kong's own line on every reload: the old workers' lua-resty-events client loses its broker when nginx closes
+# the events socket (Kong/lua-resty-events#43, "because lua-resty-events is using Nginx's unix socket").
+KONG_RELOAD_NOISE = re.compile(r"communicate\(\): event worker failed to communicate with broker")
 
 
 def _mock_alias(name: str, model: str, base: str) -> dict[str, Any]:
@@ -100,8 +104,8 @@ def kong(request: pytest.FixtureRequest, mock: MockProvider) -> Iterator[RealKon
         started.stop()
 
 
-def _openai(kong: RealKong, **kwargs: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{kong.url}/v1", api_key=ALICE, max_retries=0, **kwargs)
+def _openai(kong: RealKong, path: str = "/v1") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{kong.url}{path}", api_key=ALICE, max_retries=0)
 
 
 def _is_openai_error(text: str) -> bool:
@@ -170,7 +174,7 @@ def test_kongs_own_401_and_429_are_openai_errors(kong: RealKong) -> None:
         openai.OpenAI(base_url=f"{kong.url}/v1", api_key="not-a-key", max_retries=0).chat.completions.create(
             model="demo", messages=HELLO["messages"])
     assert unauthenticated.value.type == "gateway_error" and unauthenticated.value.message
-    tight = _openai(kong, base_url=f"{kong.url}/tight/v1")
+    tight = _openai(kong, "/tight/v1")
     statuses = []
     for _ in range(4):
         try:
@@ -289,7 +293,8 @@ def test_kong_reload_with_a_changed_alias_list(kong: RealKong) -> None:
     time.sleep(1)
     new_lines = kong.error_log()[log_before:]
     assert "closed" in new_lines and "instance" in new_lines, new_lines[-3000:]  # old instances closed
-    errors = [line for line in new_lines.splitlines() if "[error]" in line or "[crit]" in line or "[alert]" in line]
+    errors = [line for line in new_lines.splitlines() if ("[error]" in line or "[crit]" in line or "[alert]" in line)
+              and not KONG_RELOAD_NOISE.search(line)]
     assert not errors, errors
     kong.reload(kong.doc)  # type: ignore[attr-defined]
 
