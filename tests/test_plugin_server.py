@@ -100,11 +100,11 @@ def _forge(ticket: str) -> str:
 
 
 BYPASSES = {
-    "garbage ticket": lambda t: (BODY, "v1.garbage"),
+    "garbage ticket": lambda t: (BODY, "v2.garbage"),
     "forged mac": lambda t: (BODY, _forge(t)),
     "other consumer": lambda t: (BODY, t.replace(t.split(".")[5], "Ym9i")),  # "bob"
     "other body": lambda t: (BODY.replace(b"hello", b"HELLO"), t),
-    "client-supplied ticket header": lambda t: (BODY, "v1." + ".".join(["x"] * 7)),
+    "client-supplied ticket header": lambda t: (BODY, "v2." + ".".join(["x"] * 8)),
 }
 
 
@@ -136,7 +136,7 @@ def test_expired_ticket_is_refused(rpc: KongRPC, instance: int, plugin_server: P
 def test_a_client_cannot_smuggle_its_own_ticket_through_kong(kong: KongHarness) -> None:
     """The access phase's set_header overwrites a ticket header sent by the client."""
     response = httpx.post(f"{kong.url}/v1/chat/completions", json={"model": "demo", "messages": HELLO},
-                          headers={"apikey": ALICE_KEY, TICKET: "v1.attacker.supplied.ticket.x.y.b.mac"})
+                          headers={"apikey": ALICE_KEY, TICKET: "v2.attacker.supplied.ticket.x.y.b.issuer.mac"})
     assert response.status_code == 200
 
 

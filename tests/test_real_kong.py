@@ -202,7 +202,7 @@ def test_the_listener_refuses_what_did_not_come_through_kong(kong: RealKong) -> 
     status, text = kong.inside_post(listener, body, {"Content-Type": "application/json"})
     assert status == 503 and json.loads(text)["error"]["code"] == "gateway_restarting"  # no ticket: retryable
     status, text = kong.inside_post(listener, body, {"Content-Type": "application/json",
-                                                     "X-LLM-Gateway-Ticket": "v1.a.b.c.d.e.b.forged"})
+                                                     "X-LLM-Gateway-Ticket": "v2.a.b.c.d.e.b.f.forged"})
     assert status == 403 and json.loads(text)["error"]["code"] == "gateway_bypass"
 
 

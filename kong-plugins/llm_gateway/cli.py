@@ -20,8 +20,9 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
-from llm_gateway import PLUGIN_NAME
+from llm_gateway import PLUGIN_NAME, handover
 from llm_gateway.schema import plugin_info
 
 log = logging.getLogger("llm_gateway")
@@ -30,7 +31,6 @@ DEFAULT_LISTEN = "127.0.0.1:8787"
 DEFAULT_DEMO_LISTEN = "127.0.0.1:8788"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9542"
 PR_SET_PDEATHSIG = 1
-BACKLOG = 4096
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -103,50 +103,39 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _bind_tcp(host: str, port: int, what: str) -> socket.socket:
-    """Bind and listen at once, retrying while a previous server (being replaced by Kong) still holds the port.
-
-    Connections that arrive before the server accepts wait in the kernel's backlog: a request reaching the
-    listener while LiteLLM is still importing is served a few seconds late instead of refused."""
-    deadline = time.monotonic() + 15
-    while True:
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            sock.listen(BACKLOG)
-            log.info("%s listening on %s:%d", what, host, port)
-            return sock
-        except OSError:
-            sock.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.25)
-
-
-def _bind_unix(path: str) -> socket.socket:
-    """Kong's socket, bound before anything slow is imported: Kong's first connect() succeeds at once (no
-    "[crit] connect() failed", no bare 500) and its calls wait in the backlog until the server accepts them."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # a stale socket from a previous run
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o660)
-    sock.listen(BACKLOG)
-    return sock
-
-
-async def _serve_http(app: object, sock: socket.socket) -> object:
+async def _serve_http(app: object, sock: socket.socket) -> Any:
+    """An aiohttp runner serving ``app`` on an already listening socket."""
     from aiohttp import web
 
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.SockSite(runner, sock, backlog=BACKLOG).start()
+    await web.SockSite(runner, sock, backlog=handover.BACKLOG).start()
     return runner
 
 
-async def _start_site(app: object, host: str, port: int, what: str) -> object:
-    return await _serve_http(app, _bind_tcp(host, port, what))
+async def _start_metrics(listen: str, runtime: Any, wait_s: float) -> Any:
+    """Prometheus /metrics in a thread; after a kong reload, once the predecessor has let go of the port."""
+    if listen == "off":
+        return None
+    from llm_gateway.metrics import start_metrics_server
+
+    host, port = _host_port(listen)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            server = start_metrics_server(host, port, runtime.metrics)
+            log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
+            return server
+        except OSError as exc:
+            if time.monotonic() >= deadline:  # metrics are worth an error line, not an outage
+                log.error("cannot serve metrics on %s: %s", listen, exc)
+                return None
+            await asyncio.sleep(0.1)
+
+
+def _stop_metrics(server: Any) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 async def _warm_up(demo_base: str) -> None:
@@ -172,10 +161,13 @@ async def serve(args: argparse.Namespace) -> None:
     _die_with_parent()
     parent = os.getppid()
     started = time.monotonic()
-    # Both sockets Kong talks to exist before the seconds of importing LiteLLM: what arrives meanwhile waits in
-    # the backlog and is served once the server is ready, instead of failing (docs/architecture.md, startup).
-    rpc_socket = _bind_unix(args.socket)
-    listener_socket = _bind_tcp(*args.listen, "LLM listener")
+    # Kong's socket and the listener's port exist before the seconds of importing LiteLLM (see handover.py):
+    # what arrives meanwhile waits in the backlog and is served once the server is ready.
+    previous = handover.predecessor(args.socket)
+    rpc_socket = handover.UnixSocket(args.socket)
+    listener_socket = handover.bind_tcp(*args.listen, "LLM listener", wait_s=0 if previous else 15)
+    if listener_socket is None and previous is None:
+        raise OSError(f"{args.listen[0]}:{args.listen[1]} is taken; cannot listen")
     from llm_gateway import providers  # imports LiteLLM: seconds of CPU
     from llm_gateway.config import ConfigRegistry
     from llm_gateway.demo_provider import demo_app
@@ -186,24 +178,25 @@ async def serve(args: argparse.Namespace) -> None:
     from llm_gateway.ticket import TicketBook
 
     log.info("LiteLLM imported in %.2f s", time.monotonic() - started)
-    runtime = Runtime(registry=ConfigRegistry(), tickets=TicketBook(ttl_seconds=args.ticket_ttl))
+    tickets = TicketBook(ttl_seconds=args.ticket_ttl,
+                         predecessors=frozenset([previous.issuer]) if previous else frozenset())
+    handover.announce(args.socket, tickets.issuer)
+    runtime = Runtime(registry=ConfigRegistry(), tickets=tickets)
+    if listener_socket is None:  # kong reload: the predecessor stops accepting and lets go of its ports
+        assert previous is not None
+        listener_socket = handover.take_over(previous, *args.listen, "LLM listener")
     demo_host, demo_port = args.demo_listen
     providers.set_demo_base(f"http://{demo_host}:{demo_port}/v1")
-    runners = [await _start_site(demo_app(), demo_host, demo_port, "demo provider")]
+    demo = handover.bind_tcp(demo_host, demo_port, "demo provider")
+    if demo is None:
+        raise OSError(f"{demo_host}:{demo_port} is taken; cannot listen")
+    runners = [await _serve_http(demo_app(), demo)]
     await _warm_up(f"http://{demo_host}:{demo_port}/v1")
-    if args.metrics_listen != "off":
-        from llm_gateway.metrics import start_metrics_server
-
-        metrics_host, metrics_port = _host_port(args.metrics_listen)
-        try:
-            start_metrics_server(metrics_host, metrics_port, runtime.metrics)
-            log.info("Prometheus metrics on http://%s:%d/metrics", metrics_host, metrics_port)
-        except OSError as exc:  # metrics are worth an error line, not an outage
-            log.error("cannot serve metrics on %s: %s", args.metrics_listen, exc)
+    metrics_server = await _start_metrics(args.metrics_listen, runtime, wait_s=10 if previous else 0)
 
     plugin_server = PluginServer(PLUGIN_NAME, lambda config: LLMGatewayPlugin(config, runtime))
     runners.append(await _serve_http(Listener(runtime).app, listener_socket))
-    rpc = await plugin_server.serve(rpc_socket)
+    rpc = await plugin_server.serve(rpc_socket.sock)
     log.info("plugin server ready on %s (pid %d) after %.2f s", args.socket, os.getpid(),
              time.monotonic() - started)
 
@@ -211,6 +204,24 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    stepped_aside = False
+
+    async def step_aside() -> None:
+        """A successor takes over (kong reload): its ports go to it at once; what is under way here finishes."""
+        nonlocal stepped_aside
+        if stepped_aside:
+            return
+        stepped_aside = True
+        log.info("a new plugin server takes over; finishing the requests under way")
+        rpc.close()
+        for runner in runners:
+            for site in list(runner.sites):
+                await site.stop()
+        if metrics_server is not None:
+            await loop.run_in_executor(None, _stop_metrics, metrics_server)
+
+    loop.add_signal_handler(handover.STEP_ASIDE, lambda: loop.create_task(step_aside()))
 
     async def housekeeping() -> None:
         while not stop.is_set():
@@ -225,9 +236,8 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     chores.cancel()
     rpc.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(args.socket)
+    rpc_socket.unlink_if_ours()
     for runner in runners:
-        await runner.cleanup()  # type: ignore[attr-defined]
+        await runner.cleanup()  # lets requests under way finish (aiohttp's shutdown timeout) before closing
     await runtime.close()  # flushes usage records still queued for Redis
     log.info("plugin server stopped")

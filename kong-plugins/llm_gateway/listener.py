@@ -54,8 +54,8 @@ class Listener:
         """The ticket check: only requests minted by our access phase in Kong get further."""
         try:
             claims = self.runtime.tickets.verify(request.headers.get(ticket.HEADER), body)
-        except ticket.MissingTicket:
-            log.warning("a request reached the listener without a ticket (plugin server restarting?)")
+        except ticket.RetryableTicket as exc:
+            log.warning("a request reached the listener with %s (plugin server restarting?)", exc)
             raise GatewayError(503, "The gateway is restarting; retry the request.", type="server_error",
                                code="gateway_restarting", headers={"Retry-After": "1"}) from None
         except ticket.TicketError as exc:

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 HEADER = "X-LLM-Gateway-Ticket"
-VERSION = "v1"
+VERSION = "v2"
 UNBOUND = "-"
 
 
@@ -26,10 +26,19 @@ class TicketError(Exception):
     """The ticket is malformed, forged, expired, replayed, or bound to another request."""
 
 
-class MissingTicket(TicketError):
+class RetryableTicket(TicketError):
+    """Not the client's doing, and a retry goes through: answered as retryable, unlike a ticket that is
+    present and wrong."""
+
+
+class MissingTicket(RetryableTicket):
     """No ticket at all. Kong fails open: a request whose access-phase call could not reach the plugin server
-    (while it restarts) is proxied here without one. That is Kong's fault, not the client's, and a retry goes
-    through, so it is answered as retryable, unlike a ticket that is present and wrong."""
+    (while it restarts) is proxied here without one."""
+
+
+class PredecessorTicket(RetryableTicket):
+    """Minted by the plugin server this one replaced (``kong reload``): a request Kong's old workers admitted
+    reached the new listener in the moment of the hand-over. Its MAC cannot be checked here."""
 
 
 @dataclass(frozen=True)
@@ -53,9 +62,12 @@ def _unb64(text: str) -> str:
 class TicketBook:
     """Mints and checks tickets. One per process; the secret never leaves memory."""
 
-    def __init__(self, ttl_seconds: float = 30.0, secret: bytes | None = None) -> None:
+    def __init__(self, ttl_seconds: float = 30.0, secret: bytes | None = None,
+                 predecessors: frozenset[str] = frozenset()) -> None:
         self.ttl = ttl_seconds
         self._secret = secret or secrets.token_bytes(32)
+        self.issuer = secrets.token_hex(4)  # names this process's tickets (not a secret)
+        self.predecessors = predecessors  # issuers of the plugin servers this one replaced
         self._used: set[str] = set()
         self._used_order: deque[tuple[float, str]] = deque()
 
@@ -69,7 +81,7 @@ class TicketBook:
         expires = str(int((time.time() + self.ttl) * 1000))  # ms: no "." inside a "."-separated ticket
         fields = [VERSION, config_key, secrets.token_urlsafe(12), expires,
                   _b64(str(consumer.get("id") or "")), _b64(str(consumer.get("username") or "")),
-                  "b" if body is not None else "u"]
+                  "b" if body is not None else "u", self.issuer]
         payload = ".".join(fields)
         digest = hashlib.sha256(body).hexdigest() if body is not None else UNBOUND
         return f"{payload}.{self._mac(payload, digest)}"
@@ -79,9 +91,13 @@ class TicketBook:
         if not ticket:
             raise MissingTicket("missing ticket")
         parts = ticket.split(".")
-        if len(parts) != 8 or parts[0] != VERSION or parts[6] not in ("b", "u"):
+        if len(parts) != 9 or parts[0] != VERSION or parts[6] not in ("b", "u"):
             raise TicketError("malformed ticket")
-        payload, mac = ".".join(parts[:7]), parts[7]
+        if parts[7] != self.issuer:
+            if parts[7] in self.predecessors:
+                raise PredecessorTicket("ticket of the previous plugin server")
+            raise TicketError("ticket of another issuer")
+        payload, mac = ".".join(parts[:8]), parts[8]
         digest = hashlib.sha256(body).hexdigest() if parts[6] == "b" else UNBOUND
         if not hmac.compare_digest(mac, self._mac(payload, digest)):
             raise TicketError("ticket does not match this request")
