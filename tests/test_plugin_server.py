@@ -259,3 +259,57 @@ def test_kong_can_connect_at_once_and_is_answered_when_ready_and_the_server_exit
         parent.kill()
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def _serve(socket_path: str, listen: str, demo: str, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "kong-plugins"))
+    return subprocess.Popen([sys.executable, "-m", "llm_gateway", "serve", "--socket", socket_path, "--listen", listen,
+                             "--demo-listen", demo, "--metrics-listen", "off"], env=env, stderr=open(log, "wb"))
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_new_plugin_server_takes_over_from_the_old_one_as_on_kong_reload(tmp_path: Path) -> None:
+    """kong reload: the new worker 0 starts a second server on the same socket and ports while the old one still
+    serves. The new one takes Kong's socket path and the listener's port; the old one stops accepting but
+    finishes what it has; the old one's tickets are retryable at the new listener; nothing removes the new
+    socket when the old server finally stops."""
+    socket_path, listen, demo = str(tmp_path / "s.sock"), f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = {"models": [{"name": "demo", "deployments": [{"model": "demo/echo"}]}]}
+    answers = {"kong.request.get_raw_body": b'{"model":"demo","messages":[{"role":"user","content":"hello"}]}',
+               "kong.client.get_consumer": ALICE}
+    old = _serve(socket_path, listen, demo, tmp_path / "old.log")
+    new = None
+    try:
+        _wait_for(lambda: "plugin server ready" in (tmp_path / "old.log").read_text(), "first never ready")
+        old_rpc = KongRPC(socket_path)  # an old worker's pooled connection
+        old_ticket = mint_ticket(old_rpc, start_instance(old_rpc, config), answers["kong.request.get_raw_body"])
+        new = _serve(socket_path, listen, demo, tmp_path / "new.log")
+        _wait_for(lambda: "plugin server ready" in (tmp_path / "new.log").read_text(), "the second never got ready")
+        assert old.poll() is None, "the old server must finish its requests, not die"
+        assert "takes over" in (tmp_path / "old.log").read_text()
+        new_rpc = KongRPC(socket_path)
+        new_ticket = mint_ticket(new_rpc, start_instance(new_rpc, config), answers["kong.request.get_raw_body"])
+        url = f"http://{listen}/v1/chat/completions"
+        body = answers["kong.request.get_raw_body"]
+        served = httpx.post(url, content=body, headers={TICKET: new_ticket, "Content-Type": "application/json"})
+        assert served.status_code == 200, served.text  # the port is the new server's now
+        stale = httpx.post(url, content=body, headers={TICKET: old_ticket, "Content-Type": "application/json"})
+        assert stale.status_code == 503 and stale.json()["error"]["code"] == "gateway_restarting"
+        foreign = old_ticket.rsplit(".", 2)
+        forged = httpx.post(url, content=body, headers={TICKET: f"{foreign[0]}.deadbeef.{foreign[2]}",
+                                                        "Content-Type": "application/json"})
+        assert forged.status_code == 403  # an issuer nobody knows is still a bypass
+        old.terminate()
+        old.wait(30)
+        assert os.path.exists(socket_path), "the old server removed its successor's socket"
+        assert run_access(KongRPC(socket_path), start_instance(KongRPC(socket_path), config), answers)[1] == "ret"
+    finally:
+        for proc in (old, new):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
