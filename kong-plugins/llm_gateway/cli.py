@@ -84,7 +84,7 @@ async def _start_site(app: object, host: str, port: int, what: str) -> object:
     """Bind an aiohttp app, retrying while a previous server (being replaced by Kong) still holds the port."""
     from aiohttp import web
 
-    runner = web.AppRunner(app, access_log=None)
+    runner = app if isinstance(app, web.BaseRunner) else web.AppRunner(app, access_log=None)
     await runner.setup()
     deadline = time.monotonic() + 15
     while True:
@@ -135,7 +135,7 @@ async def serve(args: argparse.Namespace) -> None:
     demo_host, demo_port = args.demo_listen
     providers.set_demo_base(f"http://{demo_host}:{demo_port}/v1")
     runners = [await _start_site(demo_app(), demo_host, demo_port, "demo provider"),
-               await _start_site(Listener(runtime).app, *args.listen, "LLM listener")]
+               await _start_site(Listener(runtime).make_runner(), *args.listen, "LLM listener")]
     await _warm_up(f"http://{demo_host}:{demo_port}/v1")
     if args.metrics_listen != "off":
         from llm_gateway.metrics import start_metrics_server
