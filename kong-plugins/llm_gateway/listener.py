@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 MAX_BODY_CEILING = 64 * 1024 * 1024 + 1  # the schema's largest max_body_bytes; per-route limits are tighter
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-BODY_TIMEOUT = 10.0  # Kong buffers the client's body and sends it whole: a body still arriving is not Kong
+BODY_TIMEOUT = 5.0  # Kong buffers the client's body and sends it whole: a body still arriving is not Kong
 ECHO_LIMIT = 256  # client-supplied values quoted in an error message are cut here
 
 
