@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ALICE_KEY, free_port, gateway_config, route_to, wait_for_record
-from kong_harness import PLUGINS_DIR, KongHarness, PluginServerProcess, start_plugin_server
+from conftest import ALICE_KEY, CONSUMERS, free_port, gateway_config, route_to, usage_records, wait_for_record
+from kong_harness import PLUGINS_DIR, KongHarness, PluginServerProcess, RequestCtx, start_plugin_server
 from mock_provider import MockProvider
 
 HELLO = [{"role": "user", "content": "Say hello to the gateway"}]
@@ -163,6 +163,36 @@ def test_client_leaving_mid_stream_is_a_499_record_without_a_traceback(kong: Kon
     assert not any(" ERROR " in line for line in lines), lines
     assert any(" INFO llm_gateway.listener" in line and "left" in line for line in lines), lines
     assert "Traceback" not in plugin_server.stderr_text()
+
+
+def admitted_request(kong: KongHarness, body: bytes) -> bytes:
+    """A request as Kong would send it to the listener after our access phase admitted it (ticket included), as
+    raw HTTP/1.1: for tests that must act on the listener's own connection, as nginx does when its client aborts
+    (it closes the upstream connection; the harness's proxy does not)."""
+    consumer = CONSUMERS[ALICE_KEY]
+    ctx = RequestCtx("POST", "/v1/chat/completions", {}, {"content-type": "application/json"}, body,
+                     {"id": consumer["id"], "username": consumer["username"]}, {"id": "cred", "key": ALICE_KEY})
+    kong._access(ctx, [])
+    assert ctx.exit is None, ctx.exit
+    head = "".join(f"{k}: {v}\r\n" for k, v in ctx.headers.items())
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_client_leaving_before_a_json_answer_is_recorded_as_499(kong: KongHarness,
+                                                                 plugin_server: PluginServerProcess) -> None:
+    """Kong closes the upstream connection when its client aborts: the provider's answer is still charged, and
+    the record says the client never got it."""
+    raw = admitted_request(kong, json.dumps({"model": "slow-300", "messages": HELLO, "user": "leaver"}).encode())
+    before = set(usage_records(plugin_server))
+    with socket.create_connection(host_port(plugin_server.listen), timeout=10) as sock:
+        sock.sendall(raw)
+        time.sleep(0.1)  # the provider is still thinking
+    wait_for(lambda: set(usage_records(plugin_server)) - before)
+    (request_id,) = set(usage_records(plugin_server)) - before
+    record = usage_records(plugin_server)[request_id]
+    assert record["status"] == 499 and record["error_code"] == "client_disconnected"
+    assert record["total_tokens"] > 0
 
 
 # -- item 9: every answer is counted --------------------------------------------------------------------------
