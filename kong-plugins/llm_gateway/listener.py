@@ -151,7 +151,8 @@ class Listener:
         return config, claims
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        ex = _Exchange(headers={"X-Request-ID": request.headers.get("X-Kong-Request-Id") or uuid.uuid4().hex})
+        kong_id = request.headers.get("X-Kong-Request-Id", "")[:64]  # Kong's is 32 hex digits; a bypass may send any
+        ex = _Exchange(headers={"X-Request-ID": kong_id or uuid.uuid4().hex})
         try:
             return await self._chat_completions(request, ex)
         except GatewayError as err:
