@@ -438,7 +438,8 @@ class KongHarness:
                                                   timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
             app = web.Application(client_max_size=256 * 1024 * 1024)
             app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
+            # auto_decompress off: Kong hands the plugin (get_raw_body) and the Service the body as the client sent it
+            self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
             await self._runner.setup()
             site = web.TCPSite(self._runner, "127.0.0.1", 0)
             await site.start()

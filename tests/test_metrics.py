@@ -226,3 +226,19 @@ def test_multiprocess_mode_one_scrape_shows_every_process(tmp_path: Path) -> Non
             if server.poll() is None:
                 server.kill()
     assert server.returncode == 0
+
+
+def test_answered_counts_answers_without_a_record() -> None:
+    metrics = Metrics(max_consumers=2)
+    metrics.answered(403)  # no ticket: nobody vouched for a consumer
+    metrics.answered(404, consumer="alice")
+    metrics.answered(400, consumer="", alias="gpt-mock")  # a route without authentication
+    metrics.answered(413, consumer="bob")  # past the consumer cap
+    s = scrape(metrics)
+
+    def requests(**labels: str) -> float | None:
+        return value(s, "llm_gateway_requests_total", provider="", model="", **labels)
+    assert requests(consumer="", alias="", status="403") == 1
+    assert requests(consumer="alice", alias="", status="404") == 1
+    assert requests(consumer="anonymous", alias="gpt-mock", status="400") == 1
+    assert requests(consumer=OTHER, alias="", status="413") == 1

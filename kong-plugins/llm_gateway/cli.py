@@ -104,10 +104,10 @@ def _die_with_parent() -> None:
 
 
 async def _serve_http(app: object, sock: socket.socket) -> Any:
-    """An aiohttp runner serving ``app`` on an already listening socket."""
+    """An aiohttp runner serving ``app`` (an application, or a runner made for it) on a listening socket."""
     from aiohttp import web
 
-    runner = web.AppRunner(app, access_log=None)
+    runner = app if isinstance(app, web.BaseRunner) else web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock, backlog=handover.BACKLOG).start()
     return runner
@@ -195,7 +195,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics_server = await _start_metrics(args.metrics_listen, runtime, wait_s=10 if previous else 0)
 
     plugin_server = PluginServer(PLUGIN_NAME, lambda config: LLMGatewayPlugin(config, runtime))
-    runners.append(await _serve_http(Listener(runtime).app, listener_socket))
+    runners.append(await _serve_http(Listener(runtime).make_runner(), listener_socket))
     rpc = await plugin_server.serve(rpc_socket.sock)
     log.info("plugin server ready on %s (pid %d) after %.2f s", args.socket, os.getpid(),
              time.monotonic() - started)

@@ -156,6 +156,18 @@ class Metrics:
         if record.truncated:
             self.truncated.labels(alias, provider).inc()
 
+    def answered(self, status: int, *, consumer: str | None = None, alias: str = "") -> None:
+        """Count an answer no usage record describes (refused before any accounting began: a request without a
+        valid ticket, a malformed or oversized body, an unknown model, a route or method that does not exist):
+        ``requests`` then counts every answer the listener gave. ``consumer`` is None when no ticket vouched for
+        one, ``alias`` the route's alias if the request named one that exists, else "" (a client-chosen model
+        name never becomes a label). Never raises."""
+        try:
+            who = "" if consumer is None else self._consumer(consumer or ANONYMOUS)
+            self.requests.labels(who, label_value(alias), "", "", str(status)).inc()
+        except Exception:
+            log.exception("metrics for an answer with status %s failed", status)
+
     def budget_rejected(self, consumer: str, budget: str) -> None:
         self.budget_rejections.labels(self._consumer(consumer or ANONYMOUS), label_value(budget)).inc()
 

@@ -1,0 +1,31 @@
+"""Faults for tests/test_listener_hardening.py, injected into a real plugin server process at its start (Python
+imports ``sitecustomize`` from PYTHONPATH): when LLM_GATEWAY_TEST_FAULTS is set, a request whose body or
+messages carry a marker makes one piece of the gateway raise, as a bug there would.
+
+* ``FAULT:estimate`` in a message: the token estimator raises (so the ledger's ``finish`` does, at the end of a
+  stream the provider cut without reporting usage: issue 10, item 3).
+* ``FAULT:parse`` in the body: request parsing raises before any accounting exists (an unexpected 500).
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("LLM_GATEWAY_TEST_FAULTS"):
+    from llm_gateway import accounting, listener
+
+    _estimate_usage = accounting.estimate_usage
+    _parse_chat_request = listener.parse_chat_request
+
+    def estimate_usage(model, messages, completion_text):  # type: ignore[no-untyped-def]
+        if "FAULT:estimate" in repr(messages):
+            raise TypeError("injected: 'int' object is not iterable")
+        return _estimate_usage(model, messages, completion_text)
+
+    def parse_chat_request(body):  # type: ignore[no-untyped-def]
+        if b"FAULT:parse" in body:
+            raise RuntimeError("injected parse failure")
+        return _parse_chat_request(body)
+
+    accounting.estimate_usage = estimate_usage
+    listener.parse_chat_request = parse_chat_request
