@@ -121,13 +121,13 @@ def start_plugin_server(socket_path: str, listen: str, demo_listen: str, env: di
         if proc.poll() is not None:
             raise RuntimeError(f"plugin server exited {proc.returncode}:\n{server.stderr_text()}")
         try:
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(socket_path)
+            # the socket is bound at once, and the first call is answered when the server is ready
+            KongRPC(socket_path, timeout=max(1.0, deadline - time.monotonic())).call("plugin.GetStatus")
             return server
-        except OSError:
+        except RPCError:
             if time.monotonic() > deadline:
                 server.stop()
-                raise RuntimeError(f"plugin server never listened:\n{server.stderr_text()}") from None
+                raise RuntimeError(f"plugin server never answered:\n{server.stderr_text()}") from None
             time.sleep(0.05)
 
 
