@@ -70,6 +70,7 @@ def announce(socket_path: str, issuer: str) -> None:
     path = _record_path(socket_path)
     temporary = path.with_name(path.name + f".{os.getpid()}")
     temporary.write_text(json.dumps({"pid": os.getpid(), "issuer": issuer}))
+    os.chmod(temporary, 0o644)
     os.replace(temporary, path)
 
 
