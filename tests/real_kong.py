@@ -304,6 +304,7 @@ class DockerKong(RealKong):
             "KONG_PROXY_LISTEN": f"127.0.0.1:{ports.proxy}",
             "KONG_ADMIN_LISTEN": f"127.0.0.1:{ports.admin}",
             "KONG_LOG_LEVEL": "info",
+            "KONG_NGINX_WORKER_PROCESSES": "2",
         }
 
     def _put(self, container: Any, doc: dict[str, Any]) -> None:
