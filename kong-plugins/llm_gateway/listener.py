@@ -122,6 +122,8 @@ class Listener:
             headers.update(await ledger.finish(err.status, error_code=err.code))
             raise
         target = providers.target_of(routed.deployment)
+        if ledger.usage.dropped:  # the alias's drop_params at work: never silently
+            headers["X-LLM-Dropped-Params"] = ", ".join(ledger.usage.dropped)
         headers.update({"X-LLM-Provider": target.provider, "X-LLM-Model": target.model,
                         "X-LLM-Deployment": routed.deployment.id, "X-LLM-Attempts": str(routed.attempts)})
         if routed.fallback:
