@@ -32,6 +32,16 @@ MAX_BODY_CEILING = 64 * 1024 * 1024 + 1  # the schema's largest max_body_bytes; 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def client_request_id_of(request: web.Request) -> str | None:
+    """The client's own X-Request-ID (Kong forwards client headers), if it differs from Kong's: printable
+    ASCII, at most 200 characters, so it is safe in a header and a record."""
+    value = request.headers.get("X-Request-ID")
+    if not value or value == request.headers.get("X-Kong-Request-Id"):
+        return None
+    value = "".join(c for c in value[:200] if " " <= c <= "~").strip()
+    return value or None
+
+
 def error_response(err: GatewayError, headers: dict[str, str]) -> web.Response:
     return web.Response(status=err.status, text=err.json(), content_type="application/json",
                         headers={**headers, **err.headers})
@@ -70,6 +80,9 @@ class Listener:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         headers = {"X-Request-ID": request.headers.get("X-Kong-Request-Id") or uuid.uuid4().hex}
+        client_request_id = client_request_id_of(request)
+        if client_request_id:  # Kong's id stays X-Request-ID; the client's own is echoed, not lost
+            headers["X-Client-Request-ID"] = client_request_id
         ledger: Ledger | None = None
         try:
             try:
@@ -98,6 +111,7 @@ class Listener:
                             target=providers.target_of(first), started=started)
             if complexity is not None:
                 ledger.complexity = (complexity.score, alias.name)
+            ledger.client_request_id = client_request_id
             headers.update(await ledger.admit())  # 429/503 when the consumer's budgets say no (recorded)
             return await self._answer(request, config, alias, chat, headers, ledger)
         except GatewayError as err:
