@@ -232,8 +232,11 @@ PARAMETERS: dict[str, Check] = {
     "audio": _audio,
     "prediction": _prediction,
     "web_search_options": _dict,
-    "moderation": _dict,
+    "moderation": lambda v: None if isinstance(v, dict) and isinstance(v.get("model"), str)
+    else "expected an object with a moderation 'model'",
 }
+# parameters that mean nothing without another (OpenAI refuses them alone; LiteLLM would drop them silently)
+REQUIRES = {"tool_choice": "tools", "parallel_tool_calls": "tools", "function_call": "functions"}
 GATEWAY_FIELDS = frozenset({"model", "messages", "stream", "stream_options"})
 
 
@@ -417,6 +420,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             params[name] = data[name]
     if params.get("top_logprobs") is not None and params.get("logprobs") is not True:
         raise bad_request("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+    for name, needed in REQUIRES.items():
+        if name in params and not params.get(needed):
+            raise bad_request(f"'{name}' is only allowed when '{needed}' are given", param=name)
     if stream and stream_options and (others := {k: v for k, v in stream_options.items() if k != "include_usage"}):
         params["stream_options"] = others
     return ChatRequest(model=model, stream=stream,
