@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ALICE_KEY, MAX_BODY_BYTES, route_to
+from conftest import ALICE_KEY, MAX_BODY_BYTES, route_to, wait_for_record
 from kong_harness import KongHarness, PluginServerProcess
 from mock_provider import MockProvider
 from openai_spec import assert_valid, require_spec
@@ -202,3 +202,21 @@ def test_mid_stream_error_events_match_the_schema(route: KongHarness, alias: str
         assert_valid("CreateChatCompletionStreamResponse", chunk)
     assert_valid("ErrorResponse", last)
     assert last["error"]["code"] == "provider_error"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_clients_own_request_id_is_echoed_and_recorded(route: KongHarness, plugin_server: PluginServerProcess,
+                                                        stream: bool) -> None:
+    """Kong's id stays X-Request-ID; the client's used to be replaced without trace."""
+    mine = f"my-trace-{uuid.uuid4().hex[:12]}"
+    response = httpx.post(f"{route.url}/v1/chat/completions", timeout=30,
+                          headers={"apikey": ALICE_KEY, "X-Request-ID": mine},
+                          json={"model": "gpt", "messages": hello(), "stream": stream})
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Request-ID"] == response.headers["X-Kong-Request-Id"] != mine
+    assert response.headers["X-Client-Request-ID"] == mine
+    record = wait_for_record(plugin_server, response.headers["X-Request-ID"])
+    assert record["client_request_id"] == mine
+    error = httpx.post(f"{route.url}/v1/chat/completions", timeout=30,
+                       headers={"apikey": ALICE_KEY, "X-Request-ID": mine}, json={"model": "gpt"})
+    assert error.status_code == 400 and error.headers["X-Client-Request-ID"] == mine
