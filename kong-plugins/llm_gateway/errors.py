@@ -165,7 +165,7 @@ def from_provider_status(status: int, body: bytes, headers: Mapping[str, str]) -
 
 def unsupported_parameters(names: Sequence[str], where: str = "the model behind this alias") -> GatewayError:
     """The 400 for parameters a deployment cannot honour, naming the first (``param``) and listing all."""
-    listed = ", ".join(names)
+    listed = ", ".join(names) or "some of the parameters sent"
     return GatewayError(400, f"Unsupported parameter(s) for {where}: {listed}. The route's operator can set "
                         f"drop_params on the alias to drop what a deployment cannot honour instead.",
                         param=names[0] if names else None, code="unsupported_parameter")
@@ -189,7 +189,7 @@ def from_build_exception(exc: BaseException, sent: Iterable[str]) -> GatewayErro
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, litellm.UnsupportedParamsError):
-        return unsupported_parameters(named_parameters(exc, sent) or ["(unknown)"])
+        return unsupported_parameters(named_parameters(exc, sent))
     if isinstance(exc, RecursionError | MemoryError):
         return bad_request("The request is nested too deeply to translate for this provider.")
     return bad_request("The request cannot be translated for the provider behind this alias: a message, content "
@@ -203,7 +203,7 @@ def from_provider_exception(exc: BaseException, sent: Iterable[str] = ()) -> Gat
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, litellm.UnsupportedParamsError):
-        return unsupported_parameters(named_parameters(exc, sent) or ["(unknown)"])
+        return unsupported_parameters(named_parameters(exc, sent))
     if isinstance(exc, litellm.ContextWindowExceededError):
         return GatewayError(400, _provider_message(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, litellm.ContentPolicyViolationError):
