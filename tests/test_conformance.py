@@ -220,3 +220,40 @@ def test_a_clients_own_request_id_is_echoed_and_recorded(route: KongHarness, plu
     error = httpx.post(f"{route.url}/v1/chat/completions", timeout=30,
                        headers={"apikey": ALICE_KEY, "X-Request-ID": mine}, json={"model": "gpt"})
     assert error.status_code == 400 and error.headers["X-Client-Request-ID"] == mine
+
+
+PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
+       "AAAABJRU5ErkJggg==")
+HISTORY = [
+    {"role": "developer", "content": "Use tools."},
+    {"role": "user", "name": "ann", "content": [{"type": "text", "text": "Weather in Paris?"},
+                                                {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}}]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "It is sunny."}]},
+    {"role": "user", "content": "And tomorrow?"},
+]
+
+
+@pytest.mark.parametrize("alias", ["gpt", "gpt-4o-mini", "claude", "demo"])
+def test_what_real_clients_send_is_served(route: KongHarness, alias: str) -> None:
+    """Tool histories, images, developer messages, names, text parts, structured outputs: all accepted."""
+    import openai
+    import openai.lib._pydantic
+    from pydantic import BaseModel
+
+    client = openai.OpenAI(base_url=f"{route.url}/v1", api_key="unused", max_retries=0,
+                           default_headers={"apikey": ALICE_KEY})
+    completion = client.chat.completions.create(model=alias, messages=HISTORY, tools=TOOLS, max_tokens=50,
+                                                tool_choice="none", stop=[])
+    assert_valid("CreateChatCompletionResponse", completion.model_dump(mode="json", exclude_unset=True))
+
+    class City(BaseModel):
+        name: str
+
+    schema = openai.lib._pydantic.to_strict_json_schema(City)  # what parse() sends
+    client.chat.completions.create(model=alias, messages=hello(), max_tokens=50, response_format={
+        "type": "json_schema", "json_schema": {"name": "City", "schema": schema, "strict": True}})
+    if alias.startswith("gpt"):  # OpenAI-format only: n, logprobs
+        client.chat.completions.create(model=alias, messages=hello(), n=2, logprobs=True, top_logprobs=2)

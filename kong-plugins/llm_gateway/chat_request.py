@@ -32,7 +32,8 @@ PART_TYPES = {
     "user": frozenset({"text", "image_url", "input_audio", "file"}),
     "assistant": frozenset({"text", "refusal"}),
 }
-_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# OpenAI allows [A-Za-z0-9_-]{1,64}; other upstreams differ (Anthropic: 128), so only the shape is checked
+_FUNCTION_NAME = re.compile(r"^\S{1,256}$")
 
 Check = Callable[[Any], str | None]
 
@@ -80,9 +81,9 @@ def _dict(v: Any) -> str | None:
 
 
 def _stop(v: Any) -> str | None:
-    if isinstance(v, str) or (isinstance(v, list) and 1 <= len(v) <= 4 and all(isinstance(s, str) for s in v)):
+    if isinstance(v, str) or (isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) for s in v)):
         return None
-    return "expected a string or a list of 1 to 4 strings"
+    return "expected a string or a list of at most 4 strings"
 
 
 def _response_format(v: Any) -> str | None:
@@ -101,7 +102,7 @@ def _response_format(v: Any) -> str | None:
 
 def _function(f: Any, *, needs_parameters_object: bool = True) -> str | None:
     if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not _FUNCTION_NAME.match(f["name"]):
-        return "a function needs a 'name' of 1 to 64 letters, digits, '_' or '-'"
+        return "a function needs a 'name' (a string without spaces)"
     if f.get("description") is not None and not isinstance(f["description"], str):
         return "a function's 'description' must be a string"
     if needs_parameters_object and f.get("parameters") is not None and not isinstance(f["parameters"], dict):

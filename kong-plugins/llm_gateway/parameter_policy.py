@@ -179,6 +179,16 @@ def _builder(provider: str, model: str) -> Any:
     return config
 
 
+def _as_litellm_prepares(config: Any, messages: list[Any]) -> list[Any]:
+    """The messages as ``litellm.completion`` hands them to the provider's transformation: checked and fixed,
+    developer messages as system messages where the provider has no developer role."""
+    from litellm.utils import validate_and_fix_openai_messages
+
+    messages = validate_and_fix_openai_messages(messages=messages)
+    translate = getattr(config, "translate_developer_role_to_system_role", None)
+    return list(translate(messages=messages)) if translate is not None else messages
+
+
 @lru_cache(maxsize=1024)
 def _supported(provider: str, model: str) -> frozenset[str]:
     """The OpenAI parameters LiteLLM translates for this provider and model (0.2 ms to ask: asked once)."""
@@ -207,7 +217,8 @@ def for_litellm(provider: str, model: str, params: dict[str, Any], drop: bool) -
             params.pop(name, None)
         if not _has_remote_image(params["messages"]):
             try:  # on copies: LiteLLM's transformations may change what they are given
-                config.transform_request(model, copy.deepcopy(params["messages"]), optional, {}, {})
+                config.transform_request(model, _as_litellm_prepares(config, copy.deepcopy(params["messages"])),
+                                         optional, {}, {})
             except Exception as exc:
                 raise from_build_exception(exc, sent) from None
     return Prepared(params=params, dropped=dropped)
