@@ -226,7 +226,7 @@ PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADU
        "AAAABJRU5ErkJggg==")
 HISTORY = [
     {"role": "developer", "content": "Use tools."},
-    {"role": "user", "name": "ann", "content": [{"type": "text", "text": "Weather in Paris?"},
+    {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"},
                                                 {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}}]},
     {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
@@ -238,7 +238,7 @@ HISTORY = [
 
 @pytest.mark.parametrize("alias", ["gpt", "gpt-4o-mini", "claude", "demo"])
 def test_what_real_clients_send_is_served(route: KongHarness, alias: str) -> None:
-    """Tool histories, images, developer messages, names, text parts, structured outputs: all accepted."""
+    """Tool histories, images, developer messages, text parts, structured outputs: all accepted."""
     import openai
     import openai.lib._pydantic
     from pydantic import BaseModel

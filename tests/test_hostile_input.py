@@ -3,7 +3,7 @@ Python internals in the message; never a 5xx, never a provider call, never a coo
 
 Hand-written cases from the reports (issue 10, items 2, 5 and 6), then a property-based sweep (hypothesis)
 of generated bodies, valid-ish and hostile, for both provider formats, JSON and streams. The example count
-is kept small for CI (``HOSTILE_EXAMPLES``, default 150 per test); raise it locally for a deeper sweep.
+is kept small for CI (``HOSTILE_EXAMPLES``, default 250 per provider format); raise it locally for a deeper sweep.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from kong_harness import KongHarness, PluginServerProcess
 from mock_provider import MockProvider
 from openai_spec import spec, validator
 
-EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("HOSTILE_EXAMPLES", "250"))
 # what must never be in an error message (unless the client itself sent that text)
 INTERNALS = re.compile(
     r"Traceback|object has no attribute|object is not \w+|NoneType|KeyError|TypeError|ValueError|AttributeError"

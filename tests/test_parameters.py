@@ -273,16 +273,38 @@ def test_client_stream_options_are_forwarded_with_usage(route: KongHarness, mock
     assert body is not None and body["stream_options"] == {"include_obfuscation": False, "include_usage": True}
 
 
-def test_anthropic_audio_part_is_refused_not_skipped(route: KongHarness, mock_provider: MockProvider) -> None:
+NEVER_SENT_TO_ANTHROPIC = [  # (what LiteLLM's Anthropic transformation would skip, where, extra messages)
+    ("audio part", "messages[0].content[1]",
+     [{"role": "user", "content": [{"type": "text", "text": "Listen MARK"},
+                                   {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}]),
+    ("refusal part", "messages[1].content[0]",
+     [{"role": "user", "content": "MARK"}, {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+      {"role": "user", "content": "please"}]),
+    ("participant name", "messages[0].name", [{"role": "user", "name": "ann", "content": "MARK"}]),
+    ("assistant audio", "messages[1].audio",
+     [{"role": "user", "content": "MARK"}, {"role": "assistant", "content": "ok", "audio": {"id": "audio_1"}},
+      {"role": "user", "content": "again"}]),
+]
+
+
+@pytest.mark.parametrize(("case", "where", "messages"), NEVER_SENT_TO_ANTHROPIC,
+                         ids=[c[0] for c in NEVER_SENT_TO_ANTHROPIC])
+def test_what_anthropic_would_skip_is_refused_or_dropped_by_name(route: KongHarness, mock_provider: MockProvider,
+                                                                 case: str, where: str,
+                                                                 messages: list[dict[str, Any]]) -> None:
     marker = uuid.uuid4().hex
-    messages = [{"role": "user", "content": [
-        {"type": "text", "text": f"Listen {marker}"},
-        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}]
-    response = httpx.post(f"{route.url}/v1/chat/completions", timeout=30, headers={"apikey": ALICE_KEY},
+    messages = json.loads(json.dumps(messages).replace("MARK", marker))
+    url = f"{route.url}/v1/chat/completions"
+    response = httpx.post(url, timeout=30, headers={"apikey": ALICE_KEY},
                           json={"model": "anthropic", "messages": messages})
     assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == "messages[0].content[1]"
+    assert response.json()["error"]["param"] == where
     assert upstream(mock_provider, marker) is None
+    dropping = httpx.post(url, timeout=30, headers={"apikey": ALICE_KEY},
+                          json={"model": "anthropic-dropping", "messages": messages})
+    assert dropping.status_code == 200, dropping.text
+    assert dropping.headers["X-LLM-Dropped-Params"] == where
+    assert upstream(mock_provider, marker) is not None
 
 
 def test_the_sdk_sees_a_plain_bad_request(route: KongHarness) -> None:

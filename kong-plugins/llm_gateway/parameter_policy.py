@@ -10,7 +10,8 @@ The policy (docs/parameters.md), for every request field of OpenAI's ``CreateCha
   vLLM, TGI or Ollama server) goes up as sent, for the upstream to decide.
 * Other providers (``litellm.acompletion``): a parameter LiteLLM can translate for the provider is
   translated; anything else cannot be honoured, and neither can what LiteLLM would accept but never send
-  (``HONOURED_NEVER``: e.g. ``input_audio`` content parts to Anthropic, which its transformation skips).
+  (``PARTS_NEVER_SENT``, ``MESSAGE_FIELDS_NEVER_SENT``: e.g. ``input_audio`` and ``refusal`` content parts,
+  and a message's ``name``, which LiteLLM's Anthropic transformation skips).
   ``response_format: json_object`` becomes a JSON-object schema, so Anthropic answers JSON.
 * What cannot be honoured is refused with a 400 naming it, or, when the alias sets ``drop_params``, dropped
   and listed in the ``X-LLM-Dropped-Params`` response header. Nothing is dropped silently.
@@ -41,7 +42,9 @@ from llm_gateway.errors import (
 )
 
 # content part types a provider's LiteLLM transformation accepts but never sends
-HONOURED_NEVER: Mapping[str, frozenset[str]] = {"anthropic": frozenset({"input_audio"})}
+PARTS_NEVER_SENT: Mapping[str, frozenset[str]] = {"anthropic": frozenset({"input_audio", "refusal"})}
+# message fields it accepts but never sends (an assistant's audio reference, a participant's name)
+MESSAGE_FIELDS_NEVER_SENT: Mapping[str, frozenset[str]] = {"anthropic": frozenset({"audio", "name"})}
 # providers whose LiteLLM mapping needs a schema for JSON mode (json_object alone is skipped)
 JSON_MODE_NEEDS_SCHEMA = frozenset({"anthropic"})
 _OPENAI_SAMPLE_MODELS = ("gpt-4o", "gpt-4o-audio-preview", "o3-mini", "gpt-5", "an-unknown-model")
@@ -140,17 +143,43 @@ def for_openai_format(model: str, params: dict[str, Any], drop: bool, *, stream:
     return Prepared(params=params, dropped=dropped, body=body)
 
 
-def _refuse_parts(provider: str, messages: list[Any]) -> None:
-    never = HONOURED_NEVER.get(provider)
-    if not never:
-        return
+def _messages_it_sends(provider: str, messages: list[Any], drop: bool, dropped: list[str]) -> list[Any]:
+    """The messages with nothing the provider's transformation would skip: refused (400 naming the first such
+    field or part), or with drop_params dropped and named ("messages[1].name") in ``dropped``."""
+    parts_never, fields_never = PARTS_NEVER_SENT.get(provider, frozenset()), \
+        MESSAGE_FIELDS_NEVER_SENT.get(provider, frozenset())
+    if not parts_never and not fields_never:
+        return messages
+    out = []
     for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
-        for j, part in enumerate(content if isinstance(content, list) else ()):
-            if isinstance(part, dict) and part.get("type") in never:
+        if not isinstance(message, dict):
+            out.append(message)
+            continue
+        for name in sorted(fields_never & message.keys()):
+            if message[name] is None:
+                continue
+            at = f"messages[{i}].{name}"
+            if not drop:
+                raise bad_request(f"'{at}' is not supported by the model behind this alias ({provider}). The "
+                                  f"route's operator can set drop_params on the alias to drop it instead.",
+                                  param=at, code="unsupported_parameter")
+            dropped.append(at)
+        message = {k: v for k, v in message.items() if k not in fields_never}
+        content = message.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in parts_never for p in content):
+            kept = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") in parts_never):
+                    kept.append(part)
+                    continue
                 at = f"messages[{i}].content[{j}]"
-                raise bad_request(f"'{at}': {part['type']} content is not supported by the model behind this "
-                                  f"alias ({provider}).", param=at, code="unsupported_content")
+                if not drop:
+                    raise bad_request(f"'{at}': {part['type']} content is not supported by the model behind this "
+                                      f"alias ({provider}).", param=at, code="unsupported_content")
+                dropped.append(at)
+            message["content"] = kept
+        out.append(message)
+    return out
 
 
 def _has_remote_image(messages: list[Any]) -> bool:
@@ -198,17 +227,17 @@ def _supported(provider: str, model: str) -> frozenset[str]:
 def for_litellm(provider: str, model: str, params: dict[str, Any], drop: bool) -> Prepared:
     """The parameters for ``litellm.acompletion`` to a provider that does not speak OpenAI's format."""
     where = f"the model behind this alias ({provider})"
-    _refuse_parts(provider, params["messages"])
+    dropped: list[str] = []
     params = {k: v for k, v in params.items() if k != "stream_options"}  # the provider's own stream options
+    params["messages"] = _messages_it_sends(provider, params["messages"], drop, dropped)
     response_format = params.get("response_format")
     if provider in JSON_MODE_NEEDS_SCHEMA and isinstance(response_format, dict) \
             and response_format.get("type") == "json_object" and "response_schema" not in response_format:
         params["response_format"] = {"type": "json_object", "response_schema": {"type": "object"}}
     supported = _supported(provider, model)
-    dropped: list[str] = []
     _drop_or_refuse([k for k in params if k != "messages" and k not in supported], drop, dropped, where)
     for name in dropped:
-        params.pop(name)
+        params.pop(name, None)
     config = _builder(provider, model)
     if config is not None:
         sent = {k: v for k, v in params.items() if k != "messages"}
