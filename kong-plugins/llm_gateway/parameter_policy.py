@@ -240,7 +240,7 @@ def for_litellm(provider: str, model: str, params: dict[str, Any], drop: bool) -
         params.pop(name, None)
     config = _builder(provider, model)
     if config is not None:
-        sent = {k: v for k, v in params.items() if k != "messages"}
+        sent = copy.deepcopy({k: v for k, v in params.items() if k != "messages"})  # the mapping may change them
         optional = _mapped(config, model, sent, drop, dropped, where)
         for name in dropped:
             params.pop(name, None)
