@@ -29,8 +29,10 @@ _LITELLM_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+Exception\s*-\s*)?", 
 _UNSUPPORTED = re.compile(r"does not support parameters: \[([^\]]*)\]")
 # LiteLLM echoes the request after these, and its advice is for LiteLLM Proxy operators, not our clients
 _ECHO = re.compile(r"\s*(?:Received Messages=|Received Model Group=|model_group=).*", re.DOTALL | re.IGNORECASE)
-_ADVICE = re.compile(r"litellm|drop_params|modify_params|user_url_allowed_hosts|Traceback|\bFile \"",
-                     re.IGNORECASE)
+# ... and Python's own text is never the client's business (a sentence with any of these is left out)
+_ADVICE = re.compile(r"litellm|drop_params|modify_params|user_url_allowed_hosts|Traceback|\bFile \"|NoneType"
+                     r"|object has no attribute|object is not (?:iterable|subscriptable|callable)|<class '"
+                     r"|\b\w+(?:Error|Exception)\(", re.IGNORECASE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 DEFAULT_RETRY_AFTER = 1
 SHOULD_RETRY = "x-should-retry"
