@@ -254,6 +254,8 @@ def test_drop_params_on_an_o_series_alias(route: KongHarness, mock_provider: Moc
     assert body["max_completion_tokens"] == 30
     plain = send(route, "catalog-dropping", uuid.uuid4().hex, temperature=0.2)
     assert plain.status_code == 200 and "X-LLM-Dropped-Params" not in plain.headers
+    streamed = send(route, "o3-mini-dropping", uuid.uuid4().hex, temperature=0.2, stream=True)
+    assert streamed.status_code == 200 and streamed.headers["X-LLM-Dropped-Params"] == "temperature"
 
 
 def test_null_means_the_default(route: KongHarness, mock_provider: MockProvider) -> None:
