@@ -356,6 +356,11 @@ class MockProvider:
         with self._lock:
             return [r for r in self.requests if r.body and model_substring in str(r.body.get("model", ""))]
 
+    def requests_with(self, marker: str) -> list[RecordedRequest]:
+        """The recorded requests whose JSON body contains ``marker`` anywhere (e.g. in a message)."""
+        with self._lock:
+            return [r for r in self.requests if r.body and marker in json.dumps(r.body)]
+
     async def _serve(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)

@@ -373,9 +373,11 @@ class UsageRecord:
     complexity_choice: str | None = None
     truncated: bool = False
     timestamp: float = field(default_factory=time.time)
+    client_request_id: str | None = None  # the client's own X-Request-ID (the gateway's id is request_id)
 
     def to_json(self) -> dict[str, Any]:
-        """Flat, stable field names; token counts are 0 when nothing was used (``usage`` None)."""
+        """Flat, stable field names; token counts are 0 when nothing was used (``usage`` None);
+        ``client_request_id`` only when the client sent its own X-Request-ID."""
         usage = self.usage
         return {
             "request_id": self.request_id,
@@ -406,7 +408,7 @@ class UsageRecord:
             "complexity_score": self.complexity_score,
             "complexity_choice": self.complexity_choice,
             "truncated": self.truncated,
-        }
+        } | ({"client_request_id": self.client_request_id} if self.client_request_id else {})
 
 
 class RecordSink:

@@ -7,6 +7,7 @@ and checks live here too. Keys are resolved once, here, never per request.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ class Deployment:
     rpm: int | None = None  # requests per minute this deployment may take (across nodes with Redis)
     tpm: int | None = None  # tokens per minute
     health_key: str = ""  # the upstream (model, base, credential) as routing state knows it: see health_key()
+    drop_params: bool = False  # its alias's drop_params: drop what it cannot honour (and say so), not 400
 
     @property
     def is_demo(self) -> bool:
@@ -71,6 +73,7 @@ class Alias:
     context_window_fallbacks: tuple[str, ...] = ()
     content_policy_fallbacks: tuple[str, ...] = ()
     complexity: ComplexityRoute | None = None
+    drop_params: bool = False  # drop parameters a deployment cannot honour (X-LLM-Dropped-Params), not 400
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,11 @@ def _alias(raw: Any, where: str, env: Mapping[str, str]) -> Alias:
     complexity_raw = raw.get("route_by_complexity")
     if not isinstance(deployments_raw, list) or bool(deployments_raw) == (complexity_raw is not None):
         raise ConfigError(f"{where}: set either deployments (at least one) or route_by_complexity")
-    deployments = tuple(_deployment(d, f"{where}.deployments[{j}]", env, f"{name}#{j}")
+    drop_params = raw.get("drop_params")
+    if drop_params is not None and not isinstance(drop_params, bool):
+        raise ConfigError(f"{where}.drop_params: expected a boolean")
+    deployments = tuple(dataclasses.replace(_deployment(d, f"{where}.deployments[{j}]", env, f"{name}#{j}"),
+                                            drop_params=drop_params is True)
                         for j, d in enumerate(deployments_raw))
     if len({d.id for d in deployments}) != len(deployments):
         raise ConfigError(f"{where}.deployments: deployment names must be unique within the alias")
@@ -242,7 +249,7 @@ def _alias(raw: Any, where: str, env: Mapping[str, str]) -> Alias:
                                                  f"{where}.context_window_fallbacks"),
                  content_policy_fallbacks=_names(raw.get("content_policy_fallbacks"),
                                                  f"{where}.content_policy_fallbacks"),
-                 complexity=complexity)
+                 complexity=complexity, drop_params=drop_params is True)
 
 
 def _check_alias_references(models: Mapping[str, Alias]) -> None:

@@ -1,6 +1,7 @@
 """The built-in demo provider: an OpenAI-compatible endpoint inside the plugin server, so a fresh gateway
 answers without any API key. Deployments with ``model: demo/<name>`` reach it through LiteLLM's OpenAI
-provider exactly like a real provider, over HTTP on loopback.
+provider exactly like a real provider, over HTTP on loopback. Its answers, chunks and errors are shaped
+exactly as OpenAI's schema says (nullable fields present as null), as the conformance tests check.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _text_of(content: Any) -> str:
 
 
 def _reply(body: dict[str, Any]) -> tuple[list[str], int]:
-    messages = body.get("messages") or []
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
     prompt_words = sum(len(_text_of(m.get("content")).split()) for m in messages if isinstance(m, dict))
     last = next((_text_of(m.get("content")) for m in reversed(messages)
                  if isinstance(m, dict) and m.get("role") == "user"), "")
@@ -44,15 +45,19 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         body = await request.json()
-    except json.JSONDecodeError:
-        return web.json_response({"error": {"message": "invalid JSON", "type": "invalid_request_error"}},
-                                 status=400)
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        return web.json_response({"error": {"message": "The request body must be a JSON object.",
+                                            "type": "invalid_request_error", "param": None,
+                                            "code": "invalid_json"}}, status=400)
     pieces, prompt_tokens = _reply(body)
     base = {"id": f"chatcmpl-demo-{uuid.uuid4().hex[:12]}", "created": int(time.time()),
             "model": body.get("model", "demo")}
     if not body.get("stream"):
         return web.json_response({**base, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "finish_reason": "stop",
+            "index": 0, "message": {"role": "assistant", "content": "".join(pieces), "refusal": None},
+            "logprobs": None, "finish_reason": "stop",
         }], "usage": _usage(prompt_tokens, len(pieces))})
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -61,11 +66,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
         await response.write(b"data: " + json.dumps({**chunk, "choices": choices, **extra}).encode() + b"\n\n")
 
-    await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+    await send(choice({"role": "assistant", "content": ""}))
     for piece in pieces:
         await asyncio.sleep(WORD_DELAY)
-        await send([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
-    await send([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+        await send(choice({"content": piece}))
+    await send(choice({}, "stop"))
     if (body.get("stream_options") or {}).get("include_usage"):
         await send([], usage=_usage(prompt_tokens, len(pieces)))
     await response.write(b"data: [DONE]\n\n")

@@ -1,9 +1,17 @@
 """Errors as clients see them: OpenAI's error JSON with the right status, and nothing internal.
 
-Every failure a client can meet is a ``GatewayError``. Provider failures (LiteLLM exceptions) are mapped by
-``from_provider_exception``, which keeps the provider's own explanation only for requests the provider
-rejected as invalid (the client's fault, so the client needs it), scrubbed of URLs and anything key-shaped;
-everything else gets a fixed message, so provider keys and internal addresses cannot leak.
+Every failure a client can meet is a ``GatewayError``. LiteLLM's exceptions are classified here, once, for
+both provider paths: ``from_build_exception`` for what LiteLLM raises while *building* the provider request
+(nothing was sent, so it is the client's request that cannot be expressed: 400, never retried, never a
+cooldown) and ``from_provider_exception`` for what a provider call raised (429/502/504, or the provider's own
+400). Only a provider's explanation of why it rejected a request is shown, scrubbed of URLs, anything
+key-shaped and LiteLLM Proxy advice; everything else gets a fixed message, so no Python exception text,
+provider key or internal address can leak.
+
+Every error also says whether a client retry helps (``x-should-retry``, honoured by the OpenAI and Anthropic
+SDKs): the gateway retries provider failures itself, so an SDK retrying them too multiplies provider calls
+(3 SDK attempts x 3 gateway attempts); a retry is welcome only where the gateway did not call a provider and
+a short ``Retry-After`` says when it will.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,7 +27,30 @@ _URL = re.compile(r"\b(?:https?|wss?|unix)://\S+", re.IGNORECASE)
 _KEYISH = re.compile(r"\b(?:sk|pk|rk|key|sess)[-_][A-Za-z0-9_\-]{8,}|\b[A-Za-z0-9_\-]{32,}\b")
 _LITELLM_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+Exception\s*-\s*)?", re.IGNORECASE)
 _UNSUPPORTED = re.compile(r"does not support parameters: \[([^\]]*)\]")
+# LiteLLM echoes the request after these, and its advice is for LiteLLM Proxy operators, not our clients
+_ECHO = re.compile(r"\s*(?:Received Messages=|Received Model Group=|model_group=).*", re.DOTALL | re.IGNORECASE)
+# ... and Python's own text is never the client's business (a sentence with any of these is left out)
+_ADVICE = re.compile(r"litellm|drop_params|modify_params|user_url_allowed_hosts|Traceback|\bFile \"|NoneType"
+                     r"|object has no attribute|object is not (?:iterable|subscriptable|callable)|<class '"
+                     r"|\b\w+(?:Error|Exception)\(", re.IGNORECASE)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 DEFAULT_RETRY_AFTER = 1
+SHOULD_RETRY = "x-should-retry"
+# errors that retrying fixes and that the gateway did not retry itself: nothing was sent to a provider
+RETRY_WELCOME = frozenset({"config_reloaded", "budget_exceeded", "budget_store_unavailable",
+                           "no_healthy_deployment"})
+MAX_CLIENT_WAIT_S = 60  # the SDKs honour Retry-After only up to 60 s; beyond that a retry comes too early
+
+
+def should_retry(status: int, code: str | None, headers: Mapping[str, str]) -> bool:
+    """Whether a client retry is welcome: only for codes in RETRY_WELCOME with a Retry-After the SDKs honour.
+    Provider failures were already retried by the router, and 4xx client errors repeat themselves."""
+    if code not in RETRY_WELCOME:
+        return False
+    try:
+        return float(headers.get("Retry-After", "0")) <= MAX_CLIENT_WAIT_S
+    except ValueError:
+        return False
 
 
 class GatewayError(Exception):
@@ -34,7 +65,8 @@ class GatewayError(Exception):
         self.type = type
         self.code = code
         self.param = param
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        self.headers.setdefault(SHOULD_RETRY, "true" if should_retry(status, code, self.headers) else "false")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -54,7 +86,8 @@ def internal_error() -> GatewayError:
 
 def scrub(text: str, limit: int = 500) -> str:
     """A provider message made safe to show: no URLs, nothing key-shaped, bounded length."""
-    text = _LITELLM_PREFIX.sub("", text.strip())
+    text = _ECHO.sub("", _LITELLM_PREFIX.sub("", text.strip()))
+    text = " ".join(s for s in _SENTENCE.split(text) if s and not _ADVICE.search(s)) or "no reason given"
     text = _URL.sub("[url]", text)
     text = _KEYISH.sub("[redacted]", text)
     return text[:limit]
@@ -86,23 +119,24 @@ def retry_after_seconds(exc: BaseException) -> int:
     return DEFAULT_RETRY_AFTER
 
 
-def _status_error_message(body: bytes) -> tuple[str | None, str | None]:
-    """(message, code) from a provider's error JSON, OpenAI's or Anthropic's shape."""
+def _status_error_message(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(message, code, param) from a provider's error JSON, OpenAI's or Anthropic's shape."""
     try:
         data = json.loads(body)
-    except ValueError:
-        return None, None
+    except (ValueError, RecursionError):
+        return None, None, None
     inner = data.get("error", data) if isinstance(data, dict) else None
     if not isinstance(inner, dict):
-        return None, None
-    message = inner.get("message")
+        return None, None, None
+    message, param = inner.get("message"), inner.get("param")
     code = inner.get("code") or inner.get("type")
-    return (scrub(message) if isinstance(message, str) else None), (code if isinstance(code, str) else None)
+    return ((scrub(message) if isinstance(message, str) else None), (code if isinstance(code, str) else None),
+            (param[:100] if isinstance(param, str) else None))
 
 
 def from_provider_status(status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
     """Map a provider's HTTP error answer (raw, not through LiteLLM) to what the client sees."""
-    message, code = _status_error_message(body)
+    message, code, param = _status_error_message(body)
     if status == 429:
         seconds = retry_after_seconds(SimpleNamespace(headers=headers))
         return GatewayError(429, f"The provider is rate limiting requests; retry after {seconds} s.",
@@ -116,7 +150,7 @@ def from_provider_status(status: int, body: bytes, headers: Mapping[str, str]) -
             return GatewayError(400, message or "The provider's content policy refused the request.",
                                 code="content_policy_violation")
         return GatewayError(400, f"The provider rejected the request: {message or 'no reason given'}",
-                            code="provider_rejected_request")
+                            code="provider_rejected_request", param=param)
     if status == 413:
         return GatewayError(413, "The provider refused the request as too large.", code="request_too_large")
     if status in (401, 403):
@@ -131,17 +165,47 @@ def from_provider_status(status: int, body: bytes, headers: Mapping[str, str]) -
     return GatewayError(502, "The provider failed to answer.", type="server_error", code="provider_error")
 
 
-def from_provider_exception(exc: BaseException) -> GatewayError:
+def unsupported_parameters(names: Sequence[str], where: str = "the model behind this alias") -> GatewayError:
+    """The 400 for parameters a deployment cannot honour, naming the first (``param``) and listing all."""
+    listed = ", ".join(names) or "some of the parameters sent"
+    return GatewayError(400, f"Unsupported parameter(s) for {where}: {listed}. The route's operator can set "
+                        f"drop_params on the alias to drop what a deployment cannot honour instead.",
+                        param=names[0] if names else None, code="unsupported_parameter")
+
+
+def named_parameters(exc: BaseException, sent: Iterable[str]) -> list[str]:
+    """Which of the parameters sent a LiteLLM exception is about: its list when it has one, else the sent
+    names its text mentions (e.g. "O-series models don't support temperature=0.2")."""
+    text = str(getattr(exc, "message", None) or exc)
+    if listed := _UNSUPPORTED.search(text):
+        names = [n.strip().strip("'\"") for n in listed.group(1).split(",")]
+        return [n for n in names if n]
+    return [name for name in sent if re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", text)]
+
+
+def from_build_exception(exc: BaseException, sent: Iterable[str]) -> GatewayError:
+    """An exception LiteLLM raised while building the provider request, before anything was sent: the request
+    cannot be expressed for this provider, which is the client's to fix. Never retried, never a cooldown."""
+    import litellm
+
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, litellm.UnsupportedParamsError):
+        return unsupported_parameters(named_parameters(exc, sent))
+    if isinstance(exc, RecursionError | MemoryError):
+        return bad_request("The request is nested too deeply to translate for this provider.")
+    return bad_request("The request cannot be translated for the provider behind this alias: a message, content "
+                       "part, tool or response_format has a shape its format cannot express.")
+
+
+def from_provider_exception(exc: BaseException, sent: Iterable[str] = ()) -> GatewayError:
     """Map a LiteLLM (or transport) exception raised by a provider call to what the client sees."""
     import litellm  # imported here: this module must stay importable without LiteLLM (query_cmd)
 
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, litellm.UnsupportedParamsError):
-        names = _UNSUPPORTED.search(str(exc))
-        listed = names.group(1).replace("'", "") if names else "some of the parameters sent"
-        return GatewayError(400, f"The model behind this alias does not support: {listed}.",
-                            code="unsupported_parameter")
+        return unsupported_parameters(named_parameters(exc, sent))
     if isinstance(exc, litellm.ContextWindowExceededError):
         return GatewayError(400, _provider_message(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, litellm.ContentPolicyViolationError):

@@ -40,6 +40,7 @@ class Ledger:
         self.attempts = 0
         self.serving_alias: str | None = None  # set when a fallback alias served
         self.complexity: tuple[float, str] | None = None  # (score, chosen alias) for a routing alias
+        self.client_request_id: str | None = None  # the client's own X-Request-ID, kept in the record
         self.reservation: Reservation | None = None
         self.headroom: Headroom | None = None
         self.provider_started: float | None = None
@@ -138,7 +139,8 @@ class Ledger:
             cache_status=accounting.cache_status(tokens), attempts=max(1, self.attempts),
             deployment=self.deployment.id or None, fallback=self.serving_alias,
             complexity_score=self.complexity[0] if self.complexity else None,
-            complexity_choice=self.complexity[1] if self.complexity else None)
+            complexity_choice=self.complexity[1] if self.complexity else None,
+            client_request_id=self.client_request_id)
         self.runtime.record_sink(self.config).emit(record)
         overhead = (self.provider_started - self.started) if self.provider_started else None
         self.runtime.metrics.observe(record, overhead_s=overhead)

@@ -46,6 +46,16 @@ def echo(value: object, limit: int = ECHO_LIMIT) -> str:
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
 
 
+def client_request_id_of(request: web.Request) -> str | None:
+    """The client's own X-Request-ID (Kong forwards client headers), if it differs from Kong's: printable
+    ASCII, at most 200 characters, so it is safe in a header and a record."""
+    value = request.headers.get("X-Request-ID")
+    if not value or value == request.headers.get("X-Kong-Request-Id"):
+        return None
+    value = "".join(c for c in value[:200] if " " <= c <= "~").strip()
+    return value or None
+
+
 def error_response(err: GatewayError, headers: dict[str, str]) -> web.Response:
     extra = {k: v for k, v in err.headers.items() if k.lower() != "connection"}
     response = web.Response(status=err.status, text=err.json(), content_type="application/json",
@@ -157,6 +167,9 @@ class Listener:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         kong_id = request.headers.get("X-Kong-Request-Id", "")[:64]  # Kong's is 32 hex digits; a bypass may send any
         ex = _Exchange(headers={"X-Request-ID": kong_id or uuid.uuid4().hex})
+        client_request_id = client_request_id_of(request)
+        if client_request_id:  # Kong's id stays X-Request-ID; the client's own is echoed, not lost
+            ex.headers["X-Client-Request-ID"] = client_request_id
         try:
             return await self._chat_completions(request, ex)
         except GatewayError as err:
@@ -199,6 +212,7 @@ class Listener:
                                     target=providers.target_of(first), started=ex.started)
         if complexity is not None:
             ledger.complexity = (complexity.score, alias.name)
+        ledger.client_request_id = headers.get("X-Client-Request-ID")
         headers.update(await ledger.admit())  # 429/503 when the consumer's budgets say no (recorded)
         return await self._answer(request, config, alias, chat, ex)
 
@@ -252,6 +266,8 @@ class Listener:
             headers.update(await self._finish(ex))
             raise
         target = providers.target_of(routed.deployment)
+        if ledger.usage.dropped:  # the alias's drop_params at work: never silently
+            headers["X-LLM-Dropped-Params"] = ", ".join(ledger.usage.dropped)
         headers.update({"X-LLM-Provider": target.provider, "X-LLM-Model": target.model,
                         "X-LLM-Deployment": routed.deployment.id, "X-LLM-Attempts": str(routed.attempts)})
         if routed.fallback:

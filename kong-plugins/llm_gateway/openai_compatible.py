@@ -3,8 +3,9 @@
 ``litellm.acompletion`` costs 5–9 ms of CPU per call and ~0.8 ms per streamed chunk, whatever the knobs
 (research notes; bench/). For a provider that speaks OpenAI's format there is nothing to translate, so this
 path keeps what LiteLLM knows — which parameters the model supports and how to map them (o-series, GPT-5,
-unknown models), the request body, the URL — by calling the provider config's pure functions once per
-request, and does the HTTP itself: one pooled aiohttp session, the provider's bytes relayed as they come.
+unknown models: ``parameter_policy.for_openai_format``), the request body, the URL — by calling the provider
+config's pure functions once per request, and does the HTTP itself: one pooled aiohttp session, the
+provider's bytes relayed as they come.
 Every chunk is still parsed (a few µs), to find usage and to catch a malformed stream, but forwarded as
 received, never re-encoded.
 """
@@ -15,16 +16,13 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import aiohttp
-from litellm.types.utils import LlmProviders
-from litellm.utils import ProviderConfigManager
 
+from llm_gateway import parameter_policy
 from llm_gateway.errors import GatewayError, from_provider_status
 
-UNVALIDATED = frozenset({"user", "stream", "stream_options"})  # LiteLLM's PROVIDER_UNVALIDATED_PARAMS
 _session: aiohttp.ClientSession | None = None
 
 
@@ -37,6 +35,7 @@ class Usage:
     usage: dict[str, Any] | None = None
     text: list[str] = field(default_factory=list)
     decorate: Callable[[dict[str, Any]], None] | None = None  # adds e.g. the cost to a usage sent to the client
+    dropped: list[str] = field(default_factory=list)  # parameters the serving deployment dropped (drop_params)
 
     def take_text(self, choices: Any) -> None:
         for choice in choices or ():
@@ -59,33 +58,18 @@ def session() -> aiohttp.ClientSession:
     return _session
 
 
-@lru_cache(maxsize=1024)
-def _config(model: str) -> tuple[Any, frozenset[str]]:
-    config = ProviderConfigManager.get_provider_chat_config(model, LlmProviders.OPENAI)
-    return config, frozenset(config.get_supported_openai_params(model))
-
-
-def request_body(model: str, params: dict[str, Any], stream: bool) -> bytes:
-    """The provider's request body, as LiteLLM's OpenAI config would build it."""
-    config, supported = _config(model)
-    non_default = {k: v for k, v in params.items() if k != "messages"}
-    unsupported = sorted(k for k in non_default if k not in supported and k not in UNVALIDATED)
-    if unsupported:
-        raise GatewayError(400, f"The model behind this alias does not support: {', '.join(unsupported)}.",
-                           param=unsupported[0], code="unsupported_parameter")
-    optional = config.map_openai_params(non_default, {}, model, drop_params=False)
-    body = config.transform_request(model, params["messages"], optional, {}, {})
-    if stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}  # always: the gateway accounts every stream
-    else:
-        body.pop("stream", None)
-        body.pop("stream_options", None)
-    return json.dumps(body, separators=(",", ":")).encode()
+def request_body(model: str, params: dict[str, Any], stream: bool, *, drop: bool = False,
+                 usage: Usage | None = None) -> bytes:
+    """The provider's request body, as LiteLLM's OpenAI config builds it under the gateway's parameter policy."""
+    prepared = parameter_policy.for_openai_format(model, params, drop, stream=stream)
+    if usage is not None:
+        usage.dropped = prepared.dropped
+    assert prepared.body is not None
+    return json.dumps(prepared.body, separators=(",", ":")).encode()
 
 
 def url_of(model: str, api_base: str | None) -> str:
-    return _config(model)[0].get_complete_url(api_base, None, model, {}, {})
+    return parameter_policy.openai_config(model).get_complete_url(api_base, None, model, {}, {})
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -120,10 +104,10 @@ def _malformed() -> GatewayError:
 
 
 async def complete(model: str, api_base: str | None, api_key: str | None, params: dict[str, Any],
-                   timeout_s: float, usage: Usage) -> bytes:
+                   timeout_s: float, usage: Usage, *, drop: bool = False) -> bytes:
     """A chat.completion, as the provider's own JSON bytes."""
-    response = await _post(url_of(model, api_base), request_body(model, params, stream=False), api_key,
-                           aiohttp.ClientTimeout(total=timeout_s))
+    body = request_body(model, params, stream=False, drop=drop, usage=usage)
+    response = await _post(url_of(model, api_base), body, api_key, aiohttp.ClientTimeout(total=timeout_s))
     async with response:
         try:
             raw = await response.read()
@@ -145,14 +129,16 @@ async def complete(model: str, api_base: str | None, api_key: str | None, params
 
 
 async def open_stream(model: str, api_base: str | None, api_key: str | None, params: dict[str, Any],
-                      timeout_s: float, include_usage: bool, usage: Usage) -> AsyncIterator[bytes]:
+                      timeout_s: float, include_usage: bool, usage: Usage, *,
+                      drop: bool = False) -> AsyncIterator[bytes]:
     """SSE events (``data: …\\n\\n``) ready for the client, ``[DONE]`` excluded.
 
     The first event is read before this returns, so a provider failing before its first byte still gets a
     proper status code. A stream that ends without ``[DONE]`` raises GatewayError: the listener then ends
     the client's stream with an explicit error event.
     """
-    response = await _post(url_of(model, api_base), request_body(model, params, stream=True), api_key,
+    body = request_body(model, params, stream=True, drop=drop, usage=usage)
+    response = await _post(url_of(model, api_base), body, api_key,
                            aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s))
     events = _events(response, include_usage, usage)
     try:

@@ -68,6 +68,11 @@ ALIAS_FIELDS: list[dict[str, Any]] = [
     {"fallbacks": dict(ALIAS_NAMES, description="Aliases tried, in order, when every deployment failed.")},
     {"context_window_fallbacks": dict(ALIAS_NAMES, description="Aliases tried when the prompt is too long.")},
     {"content_policy_fallbacks": dict(ALIAS_NAMES, description="Aliases tried on a content policy refusal.")},
+    {"drop_params": {
+        "type": "boolean", "default": False,
+        "description": "Drop request parameters a deployment cannot honour (listed in the X-LLM-Dropped-Params "
+                       "response header) instead of answering 400 naming them.",
+    }},
     {"route_by_complexity": {
         "type": "record", "required": False,
         "description": "Makes this a routing alias: requests scoring at or above threshold go to strong.",
