@@ -76,7 +76,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _alias(name: str, model: str, api_base: str, **extra: Any) -> dict[str, Any]:
+def mock_alias(name: str, model: str, api_base: str, **extra: Any) -> dict[str, Any]:
+    """An alias with one deployment at the mock provider, with the mock's key."""
     deployment = {"model": model, "api_base": api_base, "api_key_env": "MOCK_PROVIDER_KEY", **extra}
     return {"name": name, "deployments": [deployment]}
 
@@ -91,31 +92,31 @@ def gateway_config(mock: MockProvider) -> dict[str, Any]:
         "routing": {"backoff_initial": 0.01, "backoff_max": 0.5},
         "budgets": [{"name": "bob-hourly", "window": "hour", "tokens": BOB_BUDGET_TOKENS, "consumers": ["bob"]}],
         "models": [
-            _alias("priced-gpt", "openai/mock-gpt-cached-3-reasoning-2", oa, price=PRICE),
-            _alias("priced-claude", "anthropic/mock-claude-cached-4", an, price=PRICE),
-            _alias("drip", "openai/mock-gpt-drip-50-words-40", oa),
-            _alias("gpt-mock", "openai/mock-gpt", oa),
-            _alias("gpt-4o-mini", "openai/gpt-4o-mini", oa),  # a catalog model: LiteLLM forwards `user` for it
-            _alias("o3-mini", "openai/o3-mini", oa),  # a reasoning model: reasoning_effort applies
-            _alias("gpt-tools", "openai/mock-gpt-tool", oa),
-            _alias("claude-mock", "anthropic/mock-claude", an),
-            _alias("claude-tools", "anthropic/mock-claude-tool", an),
+            mock_alias("priced-gpt", "openai/mock-gpt-cached-3-reasoning-2", oa, price=PRICE),
+            mock_alias("priced-claude", "anthropic/mock-claude-cached-4", an, price=PRICE),
+            mock_alias("drip", "openai/mock-gpt-drip-50-words-40", oa),
+            mock_alias("gpt-mock", "openai/mock-gpt", oa),
+            mock_alias("gpt-4o-mini", "openai/gpt-4o-mini", oa),  # a catalog model: LiteLLM forwards `user` for it
+            mock_alias("o3-mini", "openai/o3-mini", oa),  # a reasoning model: reasoning_effort applies
+            mock_alias("gpt-tools", "openai/mock-gpt-tool", oa),
+            mock_alias("claude-mock", "anthropic/mock-claude", an),
+            mock_alias("claude-tools", "anthropic/mock-claude-tool", an),
             {"name": "demo", "deployments": [{"model": "demo/echo"}]},
-            _alias("slow-300", "openai/mock-slow-300", oa),
-            _alias("rate-limited", "openai/mock-err-429-ra-7", oa),
-            _alias("provider-500", "openai/mock-err-500", oa),
-            _alias("provider-503", "openai/mock-err-503", oa),
-            _alias("provider-400", "openai/mock-err-400", oa),
+            mock_alias("slow-300", "openai/mock-slow-300", oa),
+            mock_alias("rate-limited", "openai/mock-err-429-ra-7", oa),
+            mock_alias("provider-500", "openai/mock-err-500", oa),
+            mock_alias("provider-503", "openai/mock-err-503", oa),
+            mock_alias("provider-400", "openai/mock-err-400", oa),
             {"name": "wrong-key", "deployments": [
                 {"model": "openai/mock-gpt", "api_base": oa, "api_key_env": "WRONG_PROVIDER_KEY"}]},
             {"name": "provider-down", "deployments": [
                 {"model": "openai/mock-gpt", "api_base": f"http://127.0.0.1:{free_port()}/v1",
                  "api_key_env": "MOCK_PROVIDER_KEY"}]},
-            _alias("too-slow", "openai/mock-slow-3000", oa, timeout=0.5),
-            _alias("cut-stream", "openai/mock-cut-3", oa),
-            _alias("cut-before-first", "openai/mock-cut-0", oa),
-            _alias("malformed", "openai/mock-malformed", oa),
-            _alias("claude-cut", "anthropic/mock-claude-cut-3", an),
+            mock_alias("too-slow", "openai/mock-slow-3000", oa, timeout=0.5),
+            mock_alias("cut-stream", "openai/mock-cut-3", oa),
+            mock_alias("cut-before-first", "openai/mock-cut-0", oa),
+            mock_alias("malformed", "openai/mock-malformed", oa),
+            mock_alias("claude-cut", "anthropic/mock-claude-cut-3", an),
         ],
     }
 

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ALICE_KEY, MAX_BODY_BYTES, route_to, wait_for_record
+from conftest import ALICE_KEY, MAX_BODY_BYTES, mock_alias, route_to, wait_for_record
 from kong_harness import KongHarness, PluginServerProcess
 from mock_provider import MockProvider
 from openai_spec import assert_valid, require_spec
@@ -31,30 +31,26 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 def conformance_config(mock: MockProvider) -> dict[str, Any]:
     oa, an = mock.openai_base, mock.anthropic_base
 
-    def alias(name: str, model: str, api_base: str, **extra: Any) -> dict[str, Any]:
-        return {"name": name, "deployments": [{"model": model, "api_base": api_base,
-                                               "api_key_env": "MOCK_PROVIDER_KEY", **extra}]}
-
     return {
         "max_body_bytes": MAX_BODY_BYTES,
         "routing": {"backoff_initial": 0.01, "backoff_max": 0.2, "retries": 1},
         "models": [
-            alias("gpt", "openai/mock-gpt-cf", oa),
-            alias("gpt-4o-mini", "openai/gpt-4o-mini", oa),
-            alias("o3-mini", "openai/o3-mini", oa),
-            alias("gpt-tools", "openai/mock-gpt-tool-cf", oa),
-            alias("claude", "anthropic/mock-claude-cf", an),
-            alias("claude-tools", "anthropic/mock-claude-tool-cf", an),
+            mock_alias("gpt", "openai/mock-gpt-cf", oa),
+            mock_alias("gpt-4o-mini", "openai/gpt-4o-mini", oa),
+            mock_alias("o3-mini", "openai/o3-mini", oa),
+            mock_alias("gpt-tools", "openai/mock-gpt-tool-cf", oa),
+            mock_alias("claude", "anthropic/mock-claude-cf", an),
+            mock_alias("claude-tools", "anthropic/mock-claude-tool-cf", an),
             {"name": "demo", "deployments": [{"model": "demo/echo"}]},
-            alias("gpt-429", "openai/mock-cf-err-429-ra-1", oa),
-            alias("claude-429", "anthropic/mock-cf-claude-err-429-ra-1", an),
-            alias("gpt-500", "openai/mock-cf-err-500", oa),
-            alias("claude-529", "anthropic/mock-cf-claude-err-529", an),
-            alias("gpt-400", "openai/mock-cf-err-400", oa),
-            alias("claude-400", "anthropic/mock-cf-claude-err-400", an),
-            alias("gpt-slow", "openai/mock-cf-slow-2000", oa, timeout=0.3),
-            alias("gpt-cut", "openai/mock-cf-cut-2", oa),
-            alias("claude-cut", "anthropic/mock-cf-claude-cut-2", an),
+            mock_alias("gpt-429", "openai/mock-cf-err-429-ra-1", oa),
+            mock_alias("claude-429", "anthropic/mock-cf-claude-err-429-ra-1", an),
+            mock_alias("gpt-500", "openai/mock-cf-err-500", oa),
+            mock_alias("claude-529", "anthropic/mock-cf-claude-err-529", an),
+            mock_alias("gpt-400", "openai/mock-cf-err-400", oa),
+            mock_alias("claude-400", "anthropic/mock-cf-claude-err-400", an),
+            mock_alias("gpt-slow", "openai/mock-cf-slow-2000", oa, timeout=0.3),
+            mock_alias("gpt-cut", "openai/mock-cf-cut-2", oa),
+            mock_alias("claude-cut", "anthropic/mock-cf-claude-cut-2", an),
         ],
     }
 

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ALICE_KEY, BOB_KEY, MAX_BODY_BYTES, REDIS_URL, route_to
+from conftest import ALICE_KEY, BOB_KEY, MAX_BODY_BYTES, REDIS_URL, mock_alias, route_to
 from kong_harness import KongHarness, PluginServerProcess
 from llm_gateway.errors import GatewayError, should_retry
 from mock_provider import MockProvider
@@ -28,10 +28,6 @@ GATEWAY_ATTEMPTS = 2  # retries: 1 on one-deployment aliases
 
 def retry_config(mock: MockProvider) -> dict[str, Any]:
     oa, an = mock.openai_base, mock.anthropic_base
-
-    def alias(name: str, model: str, api_base: str) -> dict[str, Any]:
-        return {"name": name, "deployments": [{"model": model, "api_base": api_base,
-                                               "api_key_env": "MOCK_PROVIDER_KEY"}]}
 
     prefix = f"llmgw-test-retries-{secrets.token_hex(4)}:"
     return {
@@ -43,11 +39,11 @@ def retry_config(mock: MockProvider) -> dict[str, Any]:
                     "cooldown": {"allowed_fails": 100}},
         "budgets": [{"name": "bob-minute", "window": "minute", "tokens": 40, "consumers": ["bob"]}],
         "models": [
-            alias("rate-limited", "openai/mock-retries-err-429-ra-1", oa),
-            alias("failing", "openai/mock-retries-err-500", oa),
-            alias("claude-overloaded", "anthropic/mock-retries-claude-err-529", an),
-            alias("healthy", "openai/mock-retries-ok", oa),
-            alias("claude", "anthropic/mock-retries-claude", an),
+            mock_alias("rate-limited", "openai/mock-retries-err-429-ra-1", oa),
+            mock_alias("failing", "openai/mock-retries-err-500", oa),
+            mock_alias("claude-overloaded", "anthropic/mock-retries-claude-err-529", an),
+            mock_alias("healthy", "openai/mock-retries-ok", oa),
+            mock_alias("claude", "anthropic/mock-retries-claude", an),
         ],
     }
 
