@@ -334,3 +334,23 @@ def test_kong_start_refuses_a_bad_kong_yml_naming_the_field(kong: RealKong) -> N
     refused, said = kong.start_refused(bad)
     assert refused, said[-3000:]
     assert "api_key" in said and "should start with: {vault://" in said, said[-3000:]
+
+
+def test_a_gzip_body_through_kong_is_served_and_brotli_is_415(kong: RealKong) -> None:
+    """Kong forwards the compressed bytes as it read them: the ticket binds those, the listener decodes."""
+    import gzip
+
+    body = gzip.compress(json.dumps({**HELLO, "model": "gpt-mock"}).encode())
+    headers = {"apikey": ALICE, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    response = httpx.post(f"{kong.url}/v1/chat/completions", content=body, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    response = httpx.post(f"{kong.url}/v1/chat/completions", content=body,
+                          headers={**headers, "Content-Encoding": "br"}, timeout=30)
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_error_answers_through_kong_say_whether_to_retry(kong: RealKong) -> None:
+    response = httpx.post(f"{kong.url}/v1/chat/completions", json={**HELLO, "model": "no-such-model"},
+                          headers={"apikey": ALICE}, timeout=30)
+    assert response.status_code == 404 and response.headers["x-should-retry"] == "false"
+    assert response.json()["error"]["param"] == "model"
