@@ -149,7 +149,7 @@ class Listener:
         status, code, truncated = 200, None, False
         try:
             await response.prepare(request)
-            async for event in events:
+            async for event in ledger.guard(events):  # stream limits and the reservation (stream_limits.py)
                 await response.write(event)
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()

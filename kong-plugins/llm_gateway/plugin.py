@@ -28,6 +28,7 @@ class LLMGatewayPlugin:
                 check_model(deployment.model)
         self.runtime = runtime
         self.config = runtime.registry.acquire(parsed)
+        runtime.watch(self.config)  # sweeps budget leases a crashed node left (leases.py)
         if self.config.budgets and self.config is parsed:
             _load_tokenizers(self.config)
 
