@@ -9,7 +9,6 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
