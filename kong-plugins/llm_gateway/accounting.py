@@ -35,6 +35,7 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the price map at import
 
 import litellm
+from redis.exceptions import NoScriptError
 
 log = logging.getLogger("llm_gateway.accounting")
 usage_log = logging.getLogger("llm_gateway.usage")
@@ -464,7 +465,7 @@ class _Entry:
     line: str
     kind: str  # "final" or "lost"
     lease: Any = None  # budgets.LeaseRef of a settled lease to delete once written
-    forget: Any = None  # the budget store's forget(pipe, ref)
+    forget: Any = None  # the budget store's forget(ref): the script call that deletes it
 
 
 class RecordSink:
@@ -586,14 +587,25 @@ class RecordSink:
                 delay = min(delay * 2, self.retry_max)
 
     async def _write(self, batch: list[_Entry]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for entry in batch:
-            await self._script(keys=[self.stream, self._marker_prefix + entry.request_id],  # type: ignore[misc]
-                         args=[entry.request_id, entry.line, self.maxlen, self.dedupe_ttl, entry.kind], client=pipe)
-        for entry in batch:
-            if entry.lease is not None and entry.forget is not None:
-                await entry.forget(pipe, entry.lease)
-        results = await pipe.execute()
+        """One round trip per batch: EVALSHA by hand (redis-py's Script in a pipeline asks SCRIPT EXISTS first,
+        and a batch sent to a Redis that hangs must be the batch it runs late, for the marker to matter)."""
+        sha = self._script.sha  # type: ignore[union-attr]
+        forgets = [entry.forget(entry.lease) for entry in batch if entry.lease is not None and entry.forget]
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            for entry in batch:
+                pipe.evalsha(sha, 2, self.stream, self._marker_prefix + entry.request_id, entry.request_id,
+                             entry.line, self.maxlen, self.dedupe_ttl, entry.kind)
+            for forget_sha, keys, args, _ in forgets:
+                pipe.evalsha(forget_sha, len(keys), *keys, *args)
+            try:
+                results = await pipe.execute()
+                break
+            except NoScriptError:  # a fresh, restarted or flushed Redis: load the scripts, once (idempotent)
+                if attempt == 2:
+                    raise
+                for lua in {_RECORD, *(lua for *_, lua in forgets)}:
+                    await self.redis.script_load(lua)
         written = sum(1 for r in results[:len(batch)] if int(r) == 1)
         self.written += written
         self.duplicates += len(batch) - written
@@ -630,8 +642,9 @@ class RecordSink:
         self._buffer.extendleft(reversed(batch))
 
     async def flush(self) -> None:
-        """Write what is buffered now; on Redis failure the records stay buffered (never raises)."""
-        if self.redis is None or not self._buffer:
+        """Write what is buffered now, and wait for a batch the background writer has in flight; on Redis
+        failure the records stay buffered (never raises)."""
+        if self.redis is None or (not self._buffer and self._lock is None):
             return
         try:
             await self._drain()

@@ -41,6 +41,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from redis.exceptions import NoScriptError
+
 log = logging.getLogger("llm_gateway.budgets")
 
 #: window name -> length in seconds; a month is a calendar month (UTC), so its length varies
@@ -540,10 +542,7 @@ class RedisBudgetStore:
             if lease is None:
                 result = await self._reserve(keys=lease_keys + [c.key for c in charges], args=args)
             else:
-                pipe = self._client.pipeline(transaction=False)
-                pipe.zadd(self.lease_index, {f"{tag}\n{lease.request_id}": lease.expiry})
-                await self._reserve(keys=lease_keys + [c.key for c in charges], args=args, client=pipe)
-                result = (await pipe.execute())[-1]
+                result = await self._reserve_leased(tag, lease, lease_keys + [c.key for c in charges], args)
         except Exception as exc:  # connection refused, timeout, Redis errors: the store cannot decide
             if lease is not None:  # Redis may still run it, late: make sure it takes nothing then
                 self._retry(_Pending("cancel", lease_keys, [lease.request_id, repr(lease.expiry)], lease.expiry))
@@ -561,6 +560,21 @@ class RedisBudgetStore:
         ref = LeaseRef(lease_keys[0], lease_keys[1], lease.request_id, lease.expiry) if lease else None
         reservation = Reservation(consumer, int(result[1]), int(result[2]), charges, lease=ref)
         return reservation, _headroom(charges, (int(v) for v in result[3:]))
+
+    async def _reserve_leased(self, tag: str, lease: Lease, keys: list[str], args: list[Any]) -> Any:
+        """The index entry, then the reservation, in one round trip. EVALSHA by hand, not redis-py's Script
+        in a pipeline, which first asks SCRIPT EXISTS: a second round trip on the admission path."""
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zadd(self.lease_index, {f"{tag}\n{lease.request_id}": lease.expiry})
+            pipe.evalsha(self._reserve.sha, len(keys), *keys, *args)
+            try:
+                return (await pipe.execute())[-1]
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._client.script_load(_RESERVE)  # a restarted or flushed Redis: once, then again
+        raise AssertionError("unreachable")
 
     # -- settlement ----------------------------------------------------------------------------------------
     async def _apply(self, reservation: Reservation, tokens: int, usd_micro: int) -> list[int]:
@@ -598,9 +612,10 @@ class RedisBudgetStore:
         else:
             await self._apply(reservation, -reservation.tokens, -reservation.usd_micro)
 
-    async def forget(self, pipe: Any, ref: LeaseRef) -> None:
-        """Queue, on the record sink's pipeline, the deletion of a settled lease whose record is written."""
-        await self._scripts["forget"](keys=[ref.leases_key, ref.data_key], args=[ref.request_id], client=pipe)
+    def forget(self, ref: LeaseRef) -> tuple[str, list[str], list[Any], str]:
+        """The script call (sha, keys, args, its Lua) that deletes a settled lease whose record is written: the
+        record sink pipelines it right after the record."""
+        return self._scripts["forget"].sha, [ref.leases_key, ref.data_key], [ref.request_id], _FORGET
 
     # -- retries -------------------------------------------------------------------------------------------
     def _retry(self, op: _Pending) -> None:
