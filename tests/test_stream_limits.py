@@ -157,3 +157,48 @@ async def test_finish_never_raises_and_always_records(monkeypatch: pytest.Monkey
         assert (record["total_tokens"] > 0) is (not broken), "counted when it can be, recorded even when not"
     await runtime.close()
     await asyncio.sleep(0)
+
+
+async def test_finish_completes_when_the_request_is_cancelled_mid_settlement(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that leaves while the reservation is being settled is still billed and recorded."""
+    from llm_gateway import providers
+    from llm_gateway.budgets import MemoryBudgetStore
+    from llm_gateway.chat_request import ChatRequest
+    from llm_gateway.config import ConfigRegistry, parse_config
+    from llm_gateway.ledger import Ledger
+    from llm_gateway.runtime import Runtime
+    from llm_gateway.ticket import TicketBook
+
+    config = parse_config({"models": [{"name": "m", "deployments": [{"model": "openai/gpt-4o-mini"}]}],
+                           "budgets": [{"name": "d", "window": "day", "tokens": 10_000}]})
+    runtime = Runtime(registry=ConfigRegistry(), tickets=TicketBook(ttl_seconds=5))
+    store = runtime.budget_store(config)
+    assert isinstance(store, MemoryBudgetStore)
+    settle = store.settle
+
+    async def slow_settle(*args: object, **kwargs: object) -> object:
+        await asyncio.sleep(0.2)  # a slow Redis
+        return await settle(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "settle", slow_settle)
+    deployment = config.models["m"].deployments[0]
+    chat = ChatRequest(model="m", stream=True, include_usage=False,
+                       params={"messages": [{"role": "user", "content": "hi"}]})
+    ledger = Ledger(runtime, config, request_id="req-cancelled", consumer="alice", consumer_id=None, chat=chat,
+                    deployment=deployment, target=providers.target_of(deployment), started=time.monotonic())
+    await ledger.admit()
+    ledger.first_byte = time.monotonic()
+    ledger.usage.take_text([{"delta": {"content": "some words the provider charged for"}}])
+    with caplog.at_level("INFO", logger="llm_gateway.usage"):
+        task = asyncio.ensure_future(ledger.finish(499, error_code="client_disconnected", truncated=True))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.3)
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "llm_gateway.usage"]
+    assert [r["request_id"] for r in records] == ["req-cancelled"] and records[0]["total_tokens"] > 0
+    used, _ = await store.usage("alice", config.budgets[0])
+    assert used == records[0]["total_tokens"], "settled to what was used, not left at the reservation"
+    await runtime.close()

@@ -15,6 +15,7 @@ before them (a request the response path could not account for would be a reques
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -201,10 +202,15 @@ class Ledger:
             log.warning("budget settlement failed for request %s", self.request_id)
 
     async def finish(self, status: int, *, error_code: str | None = None, truncated: bool = False) -> dict[str, str]:
-        """Settle, record and observe, once; returns the usage headers for a JSON response. Never raises."""
+        """Settle, record and observe, once; returns the usage headers for a JSON response. Never raises but
+        CancelledError, and even then the accounting completes: it runs shielded, so a client that leaves (or a
+        handler cancelled) mid-settlement is still billed and recorded."""
         if self._finished:
             return {}
         self._finished = True
+        return await asyncio.shield(asyncio.ensure_future(self._finish(status, error_code, truncated)))
+
+    async def _finish(self, status: int, error_code: str | None, truncated: bool) -> dict[str, str]:
         now = time.monotonic()
         tokens = cost = None
         try:
