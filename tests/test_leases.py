@@ -166,3 +166,21 @@ async def test_300_concurrent_budgeted_requests_on_a_healthy_redis_all_get_throu
     await runtime.close()
 
 
+
+
+async def test_one_sweep_takes_every_expired_lease_beyond_one_batch(redis_nodes: RedisNodes) -> None:
+    from llm_gateway import budgets
+
+    client = redis_nodes.client()
+    store = RedisBudgetStore(client, key_prefix=redis_nodes.prefix)
+    sink = RecordSink(client, stream=f"{redis_nodes.prefix}usage")
+    n = budgets.SWEEP_BATCH * 2 + 7
+    big = Budget(name="big", window="hour", tokens=1_000_000)
+    for start in range(0, n, 50):  # the test's plain client has from_url's 100-connection pool
+        await asyncio.gather(*(store.reserve(f"c{i % 3}", [big], 10, 0.0, lease=_lease(f"r{i}", seconds=1.5))
+                               for i in range(start, min(n, start + 50))))
+    await asyncio.sleep(1.6)
+    assert await leases.sweep_once(store, sink) == n
+    assert await client.zcard(store.lease_index) == 0
+    assert [(await store.usage(f"c{i}", big))[0] for i in range(3)] == [0, 0, 0]
+    await sink.close()

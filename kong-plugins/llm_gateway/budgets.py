@@ -473,6 +473,7 @@ _GRACE_S = 300
 RETRY_LIMIT = 10_000
 RETRY_INITIAL_S, RETRY_MAX_S = 0.2, 5.0
 SWEEP_BATCH = 500
+SWEEP_MAX_BATCHES = 40  # index entries one sweep pass may take: 20,000 (every node sweeps every 2 s)
 
 
 def _decode(value: Any) -> str:
@@ -659,23 +660,30 @@ class RedisBudgetStore:
         return len(self._pending)
 
     # -- sweeping ------------------------------------------------------------------------------------------
-    async def sweep(self) -> list[ExpiredLease]:
-        """Take every expired lease (any node's): reservations of requests that never settled come back. One
-        round trip for the index, one pipeline for the consumers it names, one to trim the index."""
-        now = self._clock()
-        members = await self._client.zrangebyscore(self.lease_index, "-inf", repr(now), start=0, num=SWEEP_BATCH)
-        if not members:
-            return []
-        tags = list(dict.fromkeys(_decode(m).split("\n", 1)[0] for m in members))
-        pipe = self._client.pipeline(transaction=False)
-        for tag in tags:
-            await self._scripts["sweep"](keys=self._lease_keys(tag)[:2], args=[repr(now), SWEEP_BATCH], client=pipe)
-        results = await pipe.execute()
-        await self._client.zrem(self.lease_index, *members)
-        expired = []
-        for flat in results:
-            for rid, data in zip(flat[::2], flat[1::2], strict=True):
-                expired.append(_expired(_decode(rid), _decode(data)))
+    async def sweep(self, max_batches: int = SWEEP_MAX_BATCHES) -> list[ExpiredLease]:
+        """Take every expired lease (any node's): reservations of requests that never settled come back. Per
+        batch of index entries: one round trip for the index, one pipeline for the consumers it names, one to
+        trim the index; batches until the index has no expired entry left (or ``max_batches``, so one pass
+        stays bounded: the next one continues)."""
+        expired: list[ExpiredLease] = []
+        for _ in range(max_batches):
+            now = self._clock()
+            members = await self._client.zrangebyscore(self.lease_index, "-inf", repr(now), start=0,
+                                                       num=SWEEP_BATCH)
+            if not members:
+                break
+            tags = list(dict.fromkeys(_decode(m).split("\n", 1)[0] for m in members))
+            pipe = self._client.pipeline(transaction=False)
+            for tag in tags:
+                await self._scripts["sweep"](keys=self._lease_keys(tag)[:2], args=[repr(now), SWEEP_BATCH],
+                                             client=pipe)
+            results = await pipe.execute()
+            await self._client.zrem(self.lease_index, *members)
+            for flat in results:
+                for rid, data in zip(flat[::2], flat[1::2], strict=True):
+                    expired.append(_expired(_decode(rid), _decode(data)))
+            if len(members) < SWEEP_BATCH:
+                break
         return expired
 
     async def usage(self, consumer: str, budget: Budget) -> tuple[int, float]:
