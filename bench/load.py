@@ -5,9 +5,10 @@ Redis. Not a timed test: it reports, and exits non-zero when a request failed or
     bench/run --load            (or: python bench/load.py [--waves N] [--json PATH])
 
 Reported: errors by kind, TTFT p50/p99 of the streams, latency p50/p99 of the JSON requests, the plugin
-server's RSS and open file descriptors before, after, and after a 5 s rest, and the accounting checks: the
+server's RSS and open file descriptors before, after, and after a rest (--rest, 5 s), the accounting checks: the
 budget counter equals the tokens the responses reported (no settlement lost), no lease left, one usage
-record per request in the stream.
+record per request in the stream; and the plugin server's warnings (none expected: no routing state falling
+back to local, no failed usage-stream write).
 
 Redis is a redis-server of the bench's own on a free port (when installed), so the load never slows the
 Redis other people's tests share; else db 15 of 127.0.0.1:6379 under a per-run prefix. The load generator
@@ -40,6 +41,35 @@ BUDGET_TOKENS = 1_000_000_000
 
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _tcp_ports() -> dict[str, tuple[int, int]]:
+    """socket inode -> (local port, remote port), from /proc/net/tcp{,6}."""
+    out = {}
+    for name in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            out[inode] = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16))
+    return out
+
+
+def fd_kinds(pid: int, ports: dict[str, int]) -> dict[str, int]:
+    """The plugin server's open fds by what they are: TCP connections by the named port they talk to (as
+    client: the remote port; as server: the local one), other sockets, other files."""
+    tcp = _tcp_ports()
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = "file"
+        if target.startswith("socket:["):
+            local, remote = tcp.get(target[8:-1], (0, 0))
+            kind = next((name for name, port in ports.items() if port in (remote, local)), "other socket")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def pct(values: list[float], q: float) -> float:
@@ -157,7 +187,7 @@ def _accounting(url: str, prefix: str, ids: set[str]) -> dict[str, Any]:
             "records_twice": sum(1 for n in per_id.values() if n > 1)}
 
 
-def run(waves: int, streams: int, concurrency: int) -> dict[str, Any]:
+def run(waves: int, streams: int, concurrency: int, rest: float = 5.0) -> dict[str, Any]:
     from kong_harness import KongHarness, start_plugin_server
 
     own, url = _redis()
@@ -193,10 +223,17 @@ def run(waves: int, streams: int, concurrency: int) -> dict[str, Any]:
                     for k, v in out["status"].items():
                         statuses[k] = statuses.get(k, 0) + v
                     after = {"rss_mb": rss_mb(server.pid), "fds": fds(server.pid)}
-                    time.sleep(5)
+                    time.sleep(rest)
                     rested = {"rss_mb": rss_mb(server.pid), "fds": fds(server.pid)}
+                    named = {"redis": int(url.rsplit(":", 1)[1].split("/")[0]),
+                             "provider (mock)": int(mock.base_url.rsplit(":", 1)[1]),
+                             "listener (from Kong)": int(server.listen.rsplit(":", 1)[1])}
+                    rested["by_kind"] = fd_kinds(server.pid, named)
                     accounting = _accounting(url, prefix, ids)
                     accounting["tokens_the_responses_reported"] = tokens
+                    log = server.stderr_text().splitlines()
+                    warnings = [line.split(" ", 3)[-1][:200] for line in log
+                                if " WARNING " in line or " ERROR " in line]
                     result.update({
                         "json": {"requests": waves * concurrency, "concurrency": concurrency, "seconds": json_s,
                                  "latency_p50_ms": pct(latency, 0.5), "latency_p99_ms": pct(latency, 0.99)},
@@ -204,8 +241,10 @@ def run(waves: int, streams: int, concurrency: int) -> dict[str, Any]:
                                     "ttft_p99_ms": pct(ttft, 0.99),
                                     "ttft_mean_ms": statistics.fmean(ttft) if ttft else float("nan")},
                         "status": statuses, "errors": len(errors), "first_errors": errors[:5],
-                        "plugin_server": {"before": before, "after": after, "after_5s_rest": rested},
+                        "plugin_server": {"before": before, "after": after, f"after_{rest:g}s_rest": rested},
                         "accounting": accounting,
+                        # e.g. routing state falling back to local, usage-stream writes failing: none expected
+                        "plugin_server_warnings": len(warnings), "first_warnings": warnings[:5],
                     })
             finally:
                 server.stop()
@@ -224,16 +263,20 @@ def main() -> int:
     parser.add_argument("--waves", type=int, default=6, help="waves of concurrent JSON requests (default 6)")
     parser.add_argument("--concurrency", type=int, default=300, help="JSON requests per wave (default 300)")
     parser.add_argument("--streams", type=int, default=200, help="concurrent streams (default 200)")
+    parser.add_argument("--rest", type=float, default=5.0,
+                        help="seconds to wait before the last RSS/fd reading (keep-alive connections close "
+                             "after 60 s idle: --rest 65 shows what remains)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
-    result = run(args.waves, args.streams, args.concurrency)
+    result = run(args.waves, args.streams, args.concurrency, args.rest)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
         Path(args.json).write_text(text)
     acc = result["accounting"]
     ok = (result["errors"] == 0 and acc["leases_left"] == 0 and acc["requests_without_record"] == 0
-          and acc["records_twice"] == 0 and acc["budget_used"] == acc["tokens_the_responses_reported"])
+          and acc["records_twice"] == 0 and acc["budget_used"] == acc["tokens_the_responses_reported"]
+          and result["plugin_server_warnings"] == 0)
     print("OK" if ok else "FAILED", file=sys.stderr)
     return 0 if ok else 1
 
