@@ -28,7 +28,9 @@ from own_redis import OwnRedis, installed
 pytestmark = pytest.mark.skipif(not installed(), reason="redis-server is not installed")
 
 FRANK_KEY = "test-key-frank-" + secrets.token_hex(6)
-CONSUMERS = {FRANK_KEY: {"id": "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d", "username": "frank"}}
+GINA_KEY = "test-key-gina-" + secrets.token_hex(6)  # a consumer without budget
+CONSUMERS = {FRANK_KEY: {"id": "6a7b8c9d-0e1f-4a2b-8c3d-4e5f6a7b8c9d", "username": "frank"},
+             GINA_KEY: {"id": "7b8c9d0e-1f2a-4b3c-9d4e-5f6a7b8c9d0e", "username": "gina"}}
 PREFIX = "llmgw-faults:"
 STREAM = f"{PREFIX}usage"
 LIMIT = 1_000_000
@@ -46,7 +48,7 @@ def _config(url: str, mock: MockProvider, lease_grace: float = 1) -> dict[str, A
     base = mock.openai_base
     return {
         "redis": {"url": url, "key_prefix": PREFIX, "usage_stream": STREAM, "timeout": 0.5},
-        "budgets": [{"name": "frank-hourly", "window": "hour", "tokens": LIMIT}],
+        "budgets": [{"name": "frank-hourly", "window": "hour", "tokens": LIMIT, "consumers": ["frank"]}],
         "budget_reservation_tokens": 100,
         "routing": {"deadline": 5, "retries": 0},
         "limits": {"stream_max_duration": 5, "lease_grace": lease_grace},
@@ -76,8 +78,8 @@ def _entries(r: redis.Redis) -> list[dict[str, str]]:
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in r.xrange(STREAM)]
 
 
-def _leases(r: redis.Redis) -> dict[str, float]:
-    key = f"{PREFIX}budget:{{frank}}:leases"
+def _leases(r: redis.Redis, consumer: str = "frank") -> dict[str, float]:
+    key = f"{PREFIX}budget:{{{consumer}}}:leases"
     return {m.decode(): s for m, s in r.zrange(key, 0, -1, withscores=True)}
 
 
@@ -94,13 +96,14 @@ def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-async def _in_flight(url: str, model: str, stream: bool, n: int, started: list[str]) -> list[Any]:
+async def _in_flight(url: str, model: str, stream: bool, n: int, started: list[str],
+                     key: str = FRANK_KEY) -> list[Any]:
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as client:
         async def one(i: int) -> Any:
             body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": f"count {i}"}]}
             try:
                 async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
-                                         headers={"apikey": FRANK_KEY}) as response:
+                                         headers={"apikey": key}) as response:
                     started.append(response.headers.get("X-Request-ID", ""))
                     async for _ in response.aiter_bytes():
                         pass
@@ -120,17 +123,19 @@ def test_a_killed_plugin_server_loses_no_reservation_and_no_request(
 
     async def load() -> list[Any]:
         return [s for part in await asyncio.gather(_in_flight(node.kong.url, "drip", True, 30, started),
-                                                    _in_flight(node.kong.url, "slow", False, 20, started))
+                                                    _in_flight(node.kong.url, "slow", False, 20, started),
+                                                    _in_flight(node.kong.url, "drip", True, 10, started, GINA_KEY))
                 for s in part]
 
     loop = asyncio.new_event_loop()
     task = loop.create_task(load())
     loop.run_until_complete(asyncio.sleep(0))
     deadline = time.monotonic() + 20
-    while len(_leases(r)) < 50 and time.monotonic() < deadline:
+    while len(_leases(r)) + len(_leases(r, "gina")) < 60 and time.monotonic() < deadline:
         loop.run_until_complete(asyncio.sleep(0.05))
-    admitted = set(_leases(r))
-    assert len(admitted) == 50, f"only {len(admitted)} of 50 requests were admitted"
+    admitted, unbudgeted = set(_leases(r)), set(_leases(r, "gina"))
+    assert len(admitted) == 50, f"only {len(admitted)} of 50 budgeted requests were admitted"
+    assert len(unbudgeted) == 10, "a request without budget holds a lease too (reserving nothing)"
     assert _used(r) > 50 * 100
 
     node.server.proc.kill()  # SIGKILL: no shutdown, nothing flushed
@@ -147,13 +152,14 @@ def test_a_killed_plugin_server_loses_no_reservation_and_no_request(
         assert response.status_code == 200
         served = response.headers["X-Request-ID"]
         # no reservation outlives its lease: within the lease and one sweep, every one is back
-        _until(lambda: not _leases(r), LEASE_S + 10, "the leases of the killed node to be swept")
+        _until(lambda: not _leases(r) and not _leases(r, "gina"), LEASE_S + 10,
+               "the leases of the killed node to be swept")
         assert _used(r) == int(response.headers["X-LLM-Total-Tokens"]), \
             "every reservation of the killed node came back; the new request's usage is all that is counted"
-        _until(lambda: len(_entries(r)) >= 51, 10, "the lost records")
+        _until(lambda: len(_entries(r)) >= 61, 10, "the lost records")
         entries = _entries(r)
         per_id = Counter(e["request_id"] for e in entries)
-        assert set(per_id) == admitted | {served} and set(per_id.values()) == {1}, \
+        assert set(per_id) == admitted | unbudgeted | {served} and set(per_id.values()) == {1}, \
             "exactly one record per admitted request"
         for entry in entries:
             record = json.loads(entry["record"])
@@ -161,8 +167,11 @@ def test_a_killed_plugin_server_loses_no_reservation_and_no_request(
                 assert record["lost"] is False and record["status"] == 200
                 continue
             assert record["lost"] is True and record["status"] == 0 and record["error_code"] == "gateway_crashed"
-            assert record["consumer"] == "frank" and record["total_tokens"] >= 100  # the reservation: an upper bound
-        assert {rid for rid in started if rid} <= admitted
+            if record["request_id"] in admitted:
+                assert record["consumer"] == "frank" and record["total_tokens"] >= 100  # the reservation: a bound
+            else:
+                assert record["consumer"] == "gina" and record["total_tokens"] == 0  # unknown: only the provider knows
+        assert {rid for rid in started if rid} <= admitted | unbudgeted
     finally:
         restarted.stop()
 

@@ -568,6 +568,7 @@ class RedisBudgetStore:
         for attempt in (1, 2):
             pipe = self._client.pipeline(transaction=False)
             pipe.zadd(self.lease_index, {f"{tag}\n{lease.request_id}": lease.expiry})
+            pipe.expire(self.lease_index, math.ceil(lease.expiry - self._clock()) + 3600)  # outlives its leases
             pipe.evalsha(self._reserve.sha, len(keys), *keys, *args)
             try:
                 return (await pipe.execute())[-1]

@@ -5,7 +5,9 @@ A swept lease that had settled still holds its final record (the node settled, t
 before the stream had the record): the sweeper writes that record. One that never settled is recorded as
 *lost*: ``status`` 0, ``error_code`` ``gateway_crashed``, ``lost`` true, ``truncated`` true, and the reserved
 amounts (prompt estimate, granted completion, their cost) as ``usage`` and ``cost_usd``: an upper bound of
-what the provider may have charged, for an operator to reconcile with the provider's own usage export. Both go
+what the provider may have charged, for an operator to reconcile with the provider's own usage export. A
+request without budget (it holds a lease that reserves nothing, so that a crash still leaves its trace) is
+recorded with no usage: only the provider knows it. Both go
 through the record sink's idempotent write, so a record already in the stream is never written twice.
 
 Every node sweeps at instance start and every ``SWEEP_EVERY_S``; several nodes sweeping at once is safe (each
@@ -40,8 +42,10 @@ def lost_record(lease: ExpiredLease) -> UsageRecord:
     """The record of a request whose node never settled it: what it reserved, as an upper bound."""
     meta = lease.meta
     prompt = min(_int(meta.get("prompt")), lease.tokens)
-    usage = TokenUsage(prompt=prompt, completion=lease.tokens - prompt, total=lease.tokens, cached=0, reasoning=0,
-                       estimated=True)
+    usage = None  # a request without budget reserved nothing: what it used is unknown
+    if lease.tokens:
+        usage = TokenUsage(prompt=prompt, completion=lease.tokens - prompt, total=lease.tokens, cached=0,
+                           reasoning=0, estimated=True)
     admitted = meta.get("admitted_at")
     return UsageRecord(
         request_id=lease.request_id, consumer=_str(meta.get("consumer")), consumer_id=_str(meta.get("consumer_id")),

@@ -61,6 +61,7 @@ class Ledger:
         self.serving_alias: str | None = None  # set when a fallback alias served
         self.complexity: tuple[float, str] | None = None  # (score, chosen alias) for a routing alias
         self.reservation: Reservation | None = None
+        self._journal: asyncio.Future[Reservation | None] | None = None  # the lease of a request without budget
         self.headroom: Headroom | None = None
         self.max_completion: int | None = None  # completion tokens the reservation granted (budgets only)
         self.provider_started: float | None = None
@@ -125,8 +126,22 @@ class Ledger:
                 raise err from None
             self.max_completion = max(1, self.reservation.tokens - prompt)
             headers.update(self._cap(self.max_completion))
+        elif self.config.redis is not None:
+            # no budget to charge, but a node that dies mid-request must still leave a trace of it: a lease
+            # that reserves nothing, taken while the provider works (off the request's critical path)
+            self._journal = asyncio.ensure_future(self._open_journal())
         self.provider_started = time.monotonic()
         return {**_headroom_headers(self.headroom), **headers}
+
+    async def _open_journal(self) -> Reservation | None:
+        try:
+            store = self.runtime.budget_store(self.config)
+            reservation, _ = await store.reserve(self.consumer or self.consumer_id or "", [], 0, 0.0,
+                                                 lease=self._lease(0))
+            return reservation
+        except Exception as exc:  # never fails a request without budget: its record is still written
+            log.debug("no lease for request %s (%s)", self.request_id, type(exc).__name__)
+            return None
 
     def attempt(self, deployment: Deployment, target: Target) -> None:
         """A new try upstream (retry or fallback): usage is what the deployment that answers reports."""
@@ -190,6 +205,11 @@ class Ledger:
     async def _settle(self, tokens: TokenUsage | None, cost: float | None, line: str | None) -> None:
         """Settle the reservation (the lease keeps the record until the stream has it). Never raises: the
         Redis store retries failed settlements itself, and a lease that never settles is swept."""
+        if self.reservation is None and self._journal is not None:
+            try:
+                self.reservation = await self._journal
+            except Exception:
+                self.reservation = None
         if self.reservation is None:
             return
         store = self.runtime.budget_store(self.config)

@@ -99,9 +99,9 @@ class Runtime:
                                                name="llm_gateway.lease-sweeper")
 
     def watch(self, config: GatewayConfig) -> None:
-        """At instance start: a route with budgets in Redis starts sweeping leases now, not at its first
-        request, so the reservations of a node that crashed come back even if no request follows."""
-        if config.redis is not None and config.budgets:
+        """At instance start: a route with Redis starts sweeping leases now, not at its first request, so the
+        reservations of a node that crashed come back even if no request follows."""
+        if config.redis is not None:
             try:
                 self.budget_store(config)
             except Exception:  # never fails an instance start: the first request tries again
