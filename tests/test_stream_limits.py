@@ -202,3 +202,42 @@ async def test_finish_completes_when_the_request_is_cancelled_mid_settlement(
     used, _ = await store.usage("alice", config.budgets[0])
     assert used == records[0]["total_tokens"], "settled to what was used, not left at the reservation"
     await runtime.close()
+
+
+async def test_the_guard_times_the_provider_not_a_slow_client() -> None:
+    from llm_gateway.errors import GatewayError
+    from llm_gateway.openai_compatible import Usage
+    from llm_gateway.stream_limits import StreamGuard
+
+    async def provider(pause: float, n: int = 3):
+        for _ in range(n):
+            await asyncio.sleep(pause)
+            yield b"data: {}\n\n"
+
+    def guard() -> StreamGuard:
+        return StreamGuard(Usage(), started=time.monotonic(), max_duration_s=5, idle_s=0.2)
+
+    received = 0
+    async for _ in guard().guard(provider(0.01)):
+        await asyncio.sleep(0.3)  # the client reads slowly: longer than the idle time between reads
+        received += 1
+    assert received == 3
+    with pytest.raises(GatewayError) as silent:
+        async for _ in guard().guard(provider(0.5)):
+            pass
+    assert silent.value.code == "stream_idle_timeout"
+    short = StreamGuard(Usage(), started=time.monotonic(), max_duration_s=0.3, idle_s=0.2)
+    with pytest.raises(GatewayError) as long:
+        async for _ in short.guard(provider(0.1, n=100)):
+            pass
+    assert long.value.code == "stream_max_duration"
+
+    async def consume() -> None:  # a cancellation that is not the guard's stays a cancellation
+        async for _ in guard().guard(provider(0.1, n=100)):
+            pass
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.15)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
