@@ -507,6 +507,7 @@ class RedisBudgetStore:
         self._pending: deque[_Pending] = deque()
         self._retrier: asyncio.Task | None = None
         self.retries_dropped = 0  # lease operations given up (their leases ended: the sweeper took over)
+        self._dropped_logged_at = self._settle_warned_at = -math.inf
 
     # -- keys ----------------------------------------------------------------------------------------------
     def _consumer_tag(self, consumer: str) -> str:
@@ -545,7 +546,7 @@ class RedisBudgetStore:
             else:
                 result = await self._reserve_leased(tag, lease, lease_keys + [c.key for c in charges], args)
         except Exception as exc:  # connection refused, timeout, Redis errors: the store cannot decide
-            if lease is not None:  # Redis may still run it, late: make sure it takes nothing then
+            if lease is not None and charges:  # Redis may still run it, late: make sure it takes nothing then
                 self._retry(_Pending("cancel", lease_keys, [lease.request_id, repr(lease.expiry)], lease.expiry))
             if self._fail_open:
                 log.warning("budget store unreachable (%s); admitting untracked (budget_fail_open)",
@@ -594,8 +595,11 @@ class RedisBudgetStore:
         try:
             result = await self._scripts["settle"](keys=keys, args=args)
         except Exception as exc:
-            log.warning("budget settlement of request %s failed (%s); retrying in the background",
-                        ref.request_id, type(exc).__name__)
+            now = time.monotonic()
+            if now - self._settle_warned_at >= 10:  # once per 10 s: an outage fails every settlement
+                self._settle_warned_at = now
+                log.warning("budget settlement failed (%s, request %s); retrying it in the background, with "
+                            "%d others", type(exc).__name__, ref.request_id, len(self._pending))
             self._retry(_Pending("settle", keys, args, ref.expiry))
             return None
         return [int(v) for v in result[1:]] if int(result[0]) == 0 else None
@@ -620,11 +624,19 @@ class RedisBudgetStore:
         return self._scripts["forget"].sha, [ref.leases_key, ref.data_key], [ref.request_id], _FORGET
 
     # -- retries -------------------------------------------------------------------------------------------
+    def _dropped(self, why: str) -> None:
+        """Count a lease operation given up; logged at most every 10 s (a long outage drops thousands)."""
+        self.retries_dropped += 1
+        now = time.monotonic()
+        if now - self._dropped_logged_at >= 10:
+            self._dropped_logged_at = now
+            log.error("budget lease operations given up (%s): %d so far; their leases will be swept",
+                      why, self.retries_dropped)
+
     def _retry(self, op: _Pending) -> None:
         if len(self._pending) >= RETRY_LIMIT:
             self._pending.popleft()
-            self.retries_dropped += 1
-            log.error("budget retry queue full: a lease operation was dropped (its lease will be swept)")
+            self._dropped("retry queue full")
         self._pending.append(op)
         try:
             loop = asyncio.get_running_loop()
@@ -641,9 +653,7 @@ class RedisBudgetStore:
                 op = self._pending[0]
                 if self._clock() >= op.give_up:
                     self._pending.popleft()
-                    self.retries_dropped += 1
-                    log.error("budget %s for request %s given up: its lease ended (the sweeper takes it)",
-                              op.name, op.args[0])
+                    self._dropped("their leases ended before Redis answered")
                     continue
                 try:
                     await self._scripts[op.name](keys=op.keys, args=op.args)
