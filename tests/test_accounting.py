@@ -245,7 +245,7 @@ def test_record_json_is_flat_and_stable() -> None:
         "cached_tokens": 3, "cache_creation_tokens": 0, "reasoning_tokens": 2, "estimated": False,
         "cost_usd": 1.25e-5, "latency_ms": 123.457, "ttft_ms": None, "attempts": 1, "cache_status": "none",
         "truncated": False, "deployment": None, "fallback": None, "complexity_score": None,
-        "complexity_choice": None}
+        "complexity_choice": None, "lost": False}
     empty = _record(usage=None, cost_usd=None, status=429, error_code="budget_exceeded").to_json()
     assert empty["prompt_tokens"] == empty["total_tokens"] == 0 and empty["estimated"] is False
     assert json.loads(json.dumps(empty)) == empty

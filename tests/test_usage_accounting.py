@@ -126,7 +126,7 @@ def test_client_leaving_mid_stream_is_still_accounted(kong: KongHarness, plugin_
 
 def test_budget_admits_until_exhausted_then_429(kong: KongHarness) -> None:
     seen_remaining = []
-    for _ in range(30):
+    for _ in range(60):  # near the limit reservations are capped to what is left: ~30 requests fit, not ~22
         response = httpx.post(f"{kong.url}/v1/chat/completions", headers={"apikey": BOB_KEY}, timeout=30,
                               json={"model": "gpt-mock", "messages": HELLO, "max_tokens": 100})
         if response.status_code == 429:

@@ -35,6 +35,7 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the price map at import
 
 import litellm
+from redis.exceptions import NoScriptError
 
 log = logging.getLogger("llm_gateway.accounting")
 usage_log = logging.getLogger("llm_gateway.usage")
@@ -141,6 +142,11 @@ def _rough_tokens(text_length: int) -> int:
     return (text_length + 3) // 4  # ~4 characters per token in English text: the fallback of last resort
 
 
+def rough_tokens(text_length: int) -> int:
+    """Tokens of a text known only by its length (~4 characters per token)."""
+    return _rough_tokens(max(0, text_length))
+
+
 @lru_cache(maxsize=1024)
 def _custom_tokenizer(model: str) -> dict[str, Any] | None:
     """tiktoken (LiteLLM's choice of encoding for the model) where LiteLLM would pick a HuggingFace tokenizer."""
@@ -199,7 +205,8 @@ def _message_texts(messages: list[dict]) -> tuple[list[str], int]:
                         texts.append(part["text"])
                     elif part.get("type") == "image_url":
                         images += 1
-        for call in message.get("tool_calls") or ():
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():  # any other shape: nothing to count
             function = call.get("function") if isinstance(call, Mapping) else None
             if isinstance(function, Mapping):
                 texts.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
@@ -211,9 +218,13 @@ def _message_texts(messages: list[dict]) -> tuple[list[str], int]:
 def estimate_prompt_tokens(model: str, messages: list[dict]) -> int:
     """Prompt tokens of ``messages`` as LiteLLM counts them (``litellm.token_counter``), at a bounded cost (see
     EXACT_CHARS). Never fetches anything (images count LiteLLM's default 250 tokens), never raises."""
-    if not messages:
+    if not messages or not isinstance(messages, list):
         return 0
-    texts, images = _message_texts(messages)
+    try:
+        texts, images = _message_texts(messages)
+    except Exception:  # a shape nobody foresaw: a count is not worth a failed response
+        log.debug("could not read the messages' texts; estimating from their JSON", exc_info=True)
+        return _rough_tokens(len(json.dumps(messages, default=str)))
     chars = sum(map(len, texts))
     try:
         if chars <= EXACT_CHARS and len(messages) <= EXACT_MESSAGES:
@@ -372,6 +383,7 @@ class UsageRecord:
     complexity_score: float | None = None  # routing aliases: the prompt's score and the alias it chose
     complexity_choice: str | None = None
     truncated: bool = False
+    lost: bool = False  # written by a sweeper for a request whose node never settled it: an upper bound
     timestamp: float = field(default_factory=time.time)
     client_request_id: str | None = None  # the client's own X-Request-ID (the gateway's id is request_id)
 
@@ -408,17 +420,71 @@ class UsageRecord:
             "complexity_score": self.complexity_score,
             "complexity_choice": self.complexity_choice,
             "truncated": self.truncated,
+            "lost": self.lost,
         } | ({"client_request_id": self.client_request_id} if self.client_request_id else {})
+
+
+def record_line(record: UsageRecord) -> str | None:
+    """The record as the one JSON line the log and the stream carry; None (logged) if it cannot be."""
+    try:
+        return json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False, default=str)
+    except Exception:
+        log.exception("could not serialise the usage record of request %s", record.request_id)
+        return None
+
+
+def _hash_tag(name: str) -> str:
+    """The part of a key Redis Cluster hashes: a key named ``{<tag>}...`` lands on the stream's slot."""
+    start = name.find("{")
+    if start >= 0:
+        end = name.find("}", start + 1)
+        if end > start + 1:
+            return name[start + 1:end]
+    return name
+
+
+# KEYS: the stream, this request's "recorded" marker. ARGV: request id, record line, maxlen, marker TTL (s),
+# kind ("final" or "lost"). One entry per request id: a record whose marker exists is not written again
+# (a retry after a timeout whose first write did land), except that a final record replaces a "lost" one a
+# sweeper wrote meanwhile (its entry says so: supersedes=lost). Returns 1 when written, else 0.
+_RECORD = """
+local seen = redis.call('GET', KEYS[2])
+if seen and not (seen == 'lost' and ARGV[5] == 'final') then return 0 end
+redis.call('SET', KEYS[2], ARGV[5], 'EX', tonumber(ARGV[4]))
+if seen then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'request_id', ARGV[1], 'record', ARGV[2],
+             'supersedes', seen)
+else
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'request_id', ARGV[1], 'record', ARGV[2])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    request_id: str
+    line: str
+    kind: str  # "final" or "lost"
+    lease: Any = None  # budgets.LeaseRef of a settled lease to delete once written
+    forget: Any = None  # the budget store's forget(ref): the script call that deletes it
 
 
 class RecordSink:
     """Writes every record as one JSON log line (logger "llm_gateway.usage", INFO) and, when a Redis client is
-    given, XADD to a Redis Stream so billing pipelines can consume every record. Never blocks or fails the
+    given, to a Redis Stream so billing pipelines can consume every record. Never blocks or fails the
     response path: Redis writes are queued and flushed by a background task (pipelined, batched); on Redis
     failure records are kept in a bounded in-memory buffer and retried; overflow is counted and logged, never
     raised.
 
-    ``redis_client`` is a ``redis.asyncio`` client. Each stream entry has two fields: ``request_id`` and
+    What the stream promises (docs/accounting.md): one entry per request id. Each write is a Lua script that
+    sets a ``recorded`` marker (``{<stream>}:recorded:<request id>``, kept ``dedupe_ttl`` seconds) and appends
+    only if the marker was not there, so a batch retried after a timeout whose first attempt did land writes
+    nothing twice. The one exception is deliberate: a sweeper's ``lost`` record (the request's node died or
+    lost Redis until the lease ended) is followed by the real record if that node comes back with it; that
+    second entry carries ``supersedes: lost``. Consumers keep the last entry per request id.
+
+    ``redis_client`` is a ``redis.asyncio`` client. Each stream entry has the fields ``request_id`` and
     ``record`` (the same JSON object as the log line). The stream is trimmed approximately (``MAXLEN ~``) to
     ``maxlen`` entries: consumers (``XREADGROUP``) must keep up with that much. ``emit`` must be called on the
     event loop's thread; with no running loop, records wait until ``flush`` is awaited.
@@ -426,7 +492,7 @@ class RecordSink:
 
     def __init__(self, redis_client: Any = None, stream: str = "llmgw:usage", maxlen: int = 1_000_000, *,
                  buffer_limit: int = 100_000, batch_size: int = 500, retry_initial: float = 0.5,
-                 retry_max: float = 30.0, shutdown_timeout: float = 5.0) -> None:
+                 retry_max: float = 30.0, shutdown_timeout: float = 5.0, dedupe_ttl: int = 3600) -> None:
         self.redis = redis_client
         self.stream = stream
         self.maxlen = maxlen
@@ -434,10 +500,14 @@ class RecordSink:
         self.batch_size = max(1, batch_size)
         self.retry_initial, self.retry_max = retry_initial, retry_max
         self.shutdown_timeout = shutdown_timeout
+        self.dedupe_ttl = dedupe_ttl
         self.dropped = 0  # records lost to buffer overflow (they are still in the log)
         self.written = 0  # records written to the stream
+        self.duplicates = 0  # writes the stream already had (a retried batch that had landed)
         self.failures = 0  # failed batch writes
-        self._buffer: deque[tuple[str, str]] = deque()
+        self._marker_prefix = f"{{{_hash_tag(stream)}}}:recorded:"
+        self._script = redis_client.register_script(_RECORD) if redis_client is not None else None
+        self._buffer: deque[_Entry] = deque()
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
@@ -451,20 +521,28 @@ class RecordSink:
         """Records waiting for Redis."""
         return len(self._buffer)
 
-    def emit(self, record: UsageRecord) -> None:
-        """Log the record and queue it for the stream: synchronous, no I/O beyond the log handler's."""
-        try:
-            line = json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False, default=str)
-        except Exception:
-            log.exception("could not serialise the usage record of request %s", record.request_id)
-            return
-        usage_log.info(line)
+    def emit(self, record: UsageRecord, *, lease: Any = None, forget: Any = None) -> str | None:
+        """Log the record and queue it for the stream: synchronous, no I/O beyond the log handler's. ``lease``
+        (with the store's ``forget``) is the settled lease to delete once the record is in the stream. Returns
+        the record's JSON line (None if it could not be serialised)."""
+        line = record_line(record)
+        if line is None:
+            return None
+        self.emit_line(record.request_id, line, kind="lost" if record.lost else "final", lease=lease,
+                       forget=forget)
+        return line
+
+    def emit_line(self, request_id: str, line: str, *, kind: str = "final", lease: Any = None,
+                  forget: Any = None, log_it: bool = True) -> None:
+        """Queue an already serialised record (a sweeper re-writing the record a settled lease kept)."""
+        if log_it:
+            usage_log.info(line)
         if self.redis is None or self._closed:
             return
         if len(self._buffer) >= self.buffer_limit:
             self._buffer.popleft()  # the oldest goes: its log line remains the record of it
             self._overflowed(1)
-        self._buffer.append((record.request_id, line))
+        self._buffer.append(_Entry(request_id, line, kind, lease, forget))
         self._kick()
 
     def _overflowed(self, count: int) -> None:
@@ -510,17 +588,37 @@ class RecordSink:
                 await asyncio.sleep(delay)  # Redis is failing: back off, keep the records
                 delay = min(delay * 2, self.retry_max)
 
+    async def _write(self, batch: list[_Entry]) -> None:
+        """One round trip per batch: EVALSHA by hand (redis-py's Script in a pipeline asks SCRIPT EXISTS first,
+        and a batch sent to a Redis that hangs must be the batch it runs late, for the marker to matter)."""
+        sha = self._script.sha  # type: ignore[union-attr]
+        forgets = [entry.forget(entry.lease) for entry in batch if entry.lease is not None and entry.forget]
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            for entry in batch:
+                pipe.evalsha(sha, 2, self.stream, self._marker_prefix + entry.request_id, entry.request_id,
+                             entry.line, self.maxlen, self.dedupe_ttl, entry.kind)
+            for forget_sha, keys, args, _ in forgets:
+                pipe.evalsha(forget_sha, len(keys), *keys, *args)
+            try:
+                results = await pipe.execute()
+                break
+            except NoScriptError:  # a fresh, restarted or flushed Redis: load the scripts, once (idempotent)
+                if attempt == 2:
+                    raise
+                for lua in {_RECORD, *(lua for *_, lua in forgets)}:
+                    await self.redis.script_load(lua)
+        written = sum(1 for r in results[:len(batch)] if int(r) == 1)
+        self.written += written
+        self.duplicates += len(batch) - written
+
     async def _drain(self) -> bool:
         """Write everything buffered, batch by batch; False at the first failed batch (its records go back)."""
         async with self._ensure_lock():
             while self._buffer:
                 batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
                 try:
-                    pipe = self.redis.pipeline(transaction=False)
-                    for request_id, line in batch:
-                        pipe.xadd(self.stream, {"request_id": request_id, "record": line}, maxlen=self.maxlen,
-                                  approximate=True)
-                    await pipe.execute()
+                    await self._write(batch)
                 except asyncio.CancelledError:
                     self._requeue(batch)
                     raise
@@ -533,13 +631,12 @@ class RecordSink:
                         log.warning("cannot write usage records to Redis stream %s (%s: %s); %d kept for retry",
                                     self.stream, type(exc).__name__, exc, len(self._buffer))
                     return False
-                self.written += len(batch)
                 if self._failing:
                     self._failing = False
                     log.warning("usage records reach Redis stream %s again", self.stream)
             return True
 
-    def _requeue(self, batch: list[tuple[str, str]]) -> None:
+    def _requeue(self, batch: list[_Entry]) -> None:
         room = self.buffer_limit - len(self._buffer)
         if room < len(batch):  # newer records arrived meanwhile: the oldest of the batch are the ones dropped
             self._overflowed(len(batch) - max(room, 0))
@@ -547,8 +644,9 @@ class RecordSink:
         self._buffer.extendleft(reversed(batch))
 
     async def flush(self) -> None:
-        """Write what is buffered now; on Redis failure the records stay buffered (never raises)."""
-        if self.redis is None or not self._buffer:
+        """Write what is buffered now, and wait for a batch the background writer has in flight; on Redis
+        failure the records stay buffered (never raises)."""
+        if self.redis is None or (not self._buffer and self._lock is None):
             return
         try:
             await self._drain()

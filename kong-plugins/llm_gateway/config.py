@@ -107,6 +107,22 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one request may take: how long a stream may last and stay silent, and how long the lease of its
+    budget reservation outlives its deadline (what a crashed node's reservations cost the consumer)."""
+
+    stream_max_duration: float = 600.0  # seconds from the request's arrival until the gateway ends the stream
+    stream_idle_timeout: float = 120.0  # seconds without a data event from the provider (comments do not count)
+    min_completion_tokens: int = 16  # fewer left in a token budget after the prompt: 429 rather than a stub
+    lease_grace: float = 60.0  # a reservation's lease ends this long after its request must have ended
+
+    def lease_seconds(self, routing: RoutingSettings, stream: bool) -> float:
+        """How long a request's reservation may stay without settling: its whole possible life, plus grace."""
+        life = max(routing.deadline, self.stream_max_duration) if stream else routing.deadline
+        return life + self.lease_grace
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """Everything one plugin instance (one route's plugin config) decides."""
 
@@ -121,6 +137,7 @@ class GatewayConfig:
     service_id: str | None = None
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     model_access: tuple[ModelAccess, ...] = ()
+    limits: Limits = field(default_factory=Limits)
 
     def allowed(self, alias: str, *identities: str | None) -> bool:
         """A consumer named in model_access may use only the aliases its entries list; others use all."""
@@ -301,6 +318,23 @@ def _routing(raw: Any) -> RoutingSettings:
     )
 
 
+def _limits(raw: Any) -> Limits:
+    if raw is None:
+        return Limits()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("limits: expected a record")
+    defaults = Limits()
+    floor = raw.get("min_completion_tokens")
+    return Limits(
+        stream_max_duration=_number(raw.get("stream_max_duration"), "limits.stream_max_duration",
+                                    defaults.stream_max_duration),
+        stream_idle_timeout=_number(raw.get("stream_idle_timeout"), "limits.stream_idle_timeout",
+                                    defaults.stream_idle_timeout),
+        min_completion_tokens=_count(floor, "limits.min_completion_tokens") or defaults.min_completion_tokens,
+        lease_grace=_number(raw.get("lease_grace"), "limits.lease_grace", defaults.lease_grace),
+    )
+
+
 def _model_access(raw: Any, models: Mapping[str, Alias]) -> tuple[ModelAccess, ...]:
     if raw is None:
         return ()
@@ -394,7 +428,8 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
                          route_id=raw.get("route_id") if isinstance(raw.get("route_id"), str) else None,
                          service_id=raw.get("service_id") if isinstance(raw.get("service_id"), str) else None,
                          routing=_routing(raw.get("routing")),
-                         model_access=_model_access(raw.get("model_access"), models))
+                         model_access=_model_access(raw.get("model_access"), models),
+                         limits=_limits(raw.get("limits")))
 
 
 class ConfigRegistry:

@@ -302,7 +302,7 @@ class Listener:
             await response.prepare(request)
             ex.response = response  # from here on, only this stream may be written
             ex.told(200)
-            async for event in events:
+            async for event in ledger.guard(events):  # stream limits and the reservation (stream_limits.py)
                 await response.write(event)
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()

@@ -23,6 +23,7 @@ import aiohttp
 from llm_gateway import parameter_policy
 from llm_gateway.errors import GatewayError, from_provider_status
 
+TEXT_KEPT_CHARS = 64 * 1024  # completion text kept for estimating usage; beyond it only its length counts
 _session: aiohttp.ClientSession | None = None
 
 
@@ -33,19 +34,34 @@ class Usage:
 
     model: str | None = None
     usage: dict[str, Any] | None = None
-    text: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)  # the first TEXT_KEPT_CHARS of it: memory stays bounded
     decorate: Callable[[dict[str, Any]], None] | None = None  # adds e.g. the cost to a usage sent to the client
     dropped: list[str] = field(default_factory=list)  # parameters the serving deployment dropped (drop_params)
+    chars: int = 0  # length of all completion text seen, kept or not
+    kept: int = 0  # length of what ``text`` holds
+
+    def _add(self, piece: str) -> None:
+        self.chars += len(piece)
+        if self.kept < TEXT_KEPT_CHARS:
+            piece = piece[:TEXT_KEPT_CHARS - self.kept]
+            self.text.append(piece)
+            self.kept += len(piece)
+            if len(self.text) >= 512:  # thousands of tiny strings cost more than their characters
+                self.text[:] = ["".join(self.text)]
 
     def take_text(self, choices: Any) -> None:
         for choice in choices or ():
             part = (choice.get("delta") or choice.get("message") or {}) if isinstance(choice, dict) else {}
+            if not isinstance(part, dict):
+                continue
             if isinstance(part.get("content"), str):
-                self.text.append(part["content"])
-            for call in part.get("tool_calls") or ():
-                arguments = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+                self._add(part["content"])
+            calls = part.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                function = call.get("function") if isinstance(call, dict) else None
+                arguments = function.get("arguments") if isinstance(function, dict) else None
                 if isinstance(arguments, str):
-                    self.text.append(arguments)
+                    self._add(arguments)
 
 
 def session() -> aiohttp.ClientSession:

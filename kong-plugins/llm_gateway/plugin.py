@@ -30,6 +30,7 @@ class LLMGatewayPlugin:
         self.runtime = runtime
         self.config = runtime.registry.acquire(parsed)
         self._timeouts_known = False
+        runtime.watch(self.config)  # sweeps budget leases a crashed node left (leases.py)
         if self.config.budgets and self.config is parsed:
             _load_tokenizers(self.config)
 

@@ -5,6 +5,7 @@ them), created once and reused by every request.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ log = logging.getLogger("llm_gateway.runtime")
 # Kong's read timeout, less this, is how long the gateway may take before its answer (or error) starts.
 KONG_TIMEOUT_MARGIN_S = 2.0
 
+#: connections per Redis URL: one process's event loop never needs more in flight at once (a Redis command
+#: takes well under a millisecond); more only costs Redis file descriptors on every node
+POOL_CONNECTIONS = 128
+#: how long a command may wait for a free connection before it counts as a Redis failure
+POOL_WAIT_S = 2.0
+
 
 @dataclass
 class Runtime:
@@ -34,6 +41,7 @@ class Runtime:
     _sinks: dict[tuple, RecordSink] = field(default_factory=dict)
     _routing: dict[tuple, RoutingState] = field(default_factory=dict)
     _kong_read_timeouts: dict[str, float] = field(default_factory=dict)
+    _sweepers: dict[tuple, asyncio.Task] = field(default_factory=dict)
     router: Router = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +77,9 @@ class Runtime:
         return self._routing[key]
 
     def redis(self, settings: RedisSettings) -> Any:
+        """One client per URL, on a pool that waits for a free connection (bounded by ``POOL_WAIT_S``) instead
+        of raising at once when every connection is busy: a burst of budgeted requests on a healthy Redis must
+        queue for a few milliseconds, never get 503 (redis-py's default pool raises MaxConnectionsError)."""
         if settings.url not in self._redis:
             import redis.asyncio as aioredis
             from redis.asyncio.retry import Retry
@@ -76,9 +87,11 @@ class Runtime:
 
             # one quick retry, not redis-py's default ten with backoff: a budget check must fail fast (503) when
             # Redis is down; the record sink has its own backoff
-            self._redis[settings.url] = aioredis.from_url(
-                settings.url, socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
+            pool = aioredis.BlockingConnectionPool.from_url(
+                settings.url, max_connections=POOL_CONNECTIONS, timeout=max(POOL_WAIT_S, settings.timeout),
+                socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
                 retry=Retry(NoBackoff(), 1))
+            self._redis[settings.url] = aioredis.Redis.from_pool(pool)
         return self._redis[settings.url]
 
     def budget_store(self, config: GatewayConfig) -> BudgetStore:
@@ -93,7 +106,30 @@ class Runtime:
             self._stores[key] = RedisBudgetStore(self.redis(config.redis),
                                                  key_prefix=config.redis.key_prefix + "budget:",
                                                  fail_open=config.budget_fail_open)
+        self._sweep(key, self._stores[key], config)
         return self._stores[key]
+
+    def _sweep(self, key: tuple, store: BudgetStore, config: GatewayConfig) -> None:
+        """Every Redis budget store gets a lease sweeper (leases.py), started on the running loop."""
+        if key in self._sweepers or not isinstance(store, RedisBudgetStore):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a config checked outside the server): the first request starts it
+        from llm_gateway.leases import sweep_forever
+
+        self._sweepers[key] = loop.create_task(sweep_forever(store, self.record_sink(config)),
+                                               name="llm_gateway.lease-sweeper")
+
+    def watch(self, config: GatewayConfig) -> None:
+        """At instance start: a route with Redis starts sweeping leases now, not at its first request, so the
+        reservations of a node that crashed come back even if no request follows."""
+        if config.redis is not None:
+            try:
+                self.budget_store(config)
+            except Exception:  # never fails an instance start: the first request tries again
+                logging.getLogger("llm_gateway.runtime").exception("could not start the lease sweeper")
 
     def record_sink(self, config: GatewayConfig) -> RecordSink:
         """Usage records go to the log always, and to a Redis Stream when the route configures Redis."""
@@ -106,6 +142,12 @@ class Runtime:
 
     async def close(self) -> None:
         """Flush and close what holds Redis first, then the clients themselves; one failure stops nothing."""
+        for task in self._sweepers.values():
+            task.cancel()
+        for task in self._sweepers.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._sweepers.clear()
         closers = [sink.close for sink in self._sinks.values()] + [state.close for state in self._routing.values()]
         closers += [store.close for store in self._stores.values()] + [c.aclose for c in self._redis.values()]
         for close in closers:

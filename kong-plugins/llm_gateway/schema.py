@@ -154,6 +154,26 @@ CONFIG_FIELDS: list[dict[str, Any]] = [
         "type": "integer", "default": 1024, "gt": 0,
         "description": "Completion tokens reserved against budgets when a request sets no max_tokens.",
     }},
+    {"limits": {
+        "type": "record", "required": False,
+        "description": "What one request may take: stream duration and silence, and the budget lease's grace.",
+        "fields": [
+            {"stream_max_duration": {"type": "number", "default": 600, "gt": 0,
+                                     "description": "Seconds from the request's arrival after which the "
+                                                    "gateway ends a stream (an SSE error event)."}},
+            {"stream_idle_timeout": {"type": "number", "default": 120, "gt": 0,
+                                     "description": "Seconds without a data event from the provider (SSE "
+                                                    "comments and keep-alives do not count) before the "
+                                                    "gateway ends a stream."}},
+            {"min_completion_tokens": {"type": "integer", "default": 16, "gt": 0,
+                                       "description": "When a token budget has fewer completion tokens left "
+                                                      "than this, the request gets 429 instead of a stub."}},
+            {"lease_grace": {"type": "number", "default": 60, "gt": 0,
+                             "description": "Seconds a budget reservation outlives its request's deadline "
+                                            "when its node dies: then it is given back and the request "
+                                            "recorded as lost."}},
+        ],
+    }},
     {"budget_fail_open": {
         "type": "boolean", "default": False,
         "description": "Admit requests when the budget store (Redis) is unreachable; refused (503) by default.",
