@@ -241,3 +241,20 @@ async def test_the_guard_times_the_provider_not_a_slow_client() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_a_silent_stream_is_ended_by_the_gateway_before_kongs_read_timeout(
+        gateway: tuple[PluginServerProcess, KongHarness], hostile: HostileProvider) -> None:
+    """Kong's read_timeout also bounds each gap between the listener's writes: an idle limit longer than it
+    would let Kong cut the stream without a word. The gateway's idle limit is cut to fit in it."""
+    server, harness = gateway
+    config = dict(harness.plugin_config, limits={"stream_max_duration": 60, "stream_idle_timeout": 120})
+    short = KongHarness(server.socket_path, config, CONSUMERS, service_url=f"http://{server.listen}",
+                        read_timeout_ms=3000).start()
+    try:
+        headers, lines, _ = _stream(short.url, ERIN_KEY, "comments")
+    finally:
+        short.stop()
+    assert _error_event(lines)["code"] == "stream_idle_timeout"  # the gateway's event, not a silent cut
+    record = wait_for_record(server, headers["X-Request-ID"])
+    assert record["error_code"] == "stream_idle_timeout"

@@ -156,7 +156,7 @@ class Ledger:
         """The provider's events within this route's stream limits and this request's reservation."""
         limits = self.config.limits
         return StreamGuard(self.usage, started=self.started, max_duration_s=limits.stream_max_duration,
-                           idle_s=limits.stream_idle_timeout, max_tokens=self.max_completion,
+                           idle_s=self.runtime.stream_idle(self.config), max_tokens=self.max_completion,
                            completion_tokens=self._completion_tokens).guard(events)
 
     # -- after the provider call ----------------------------------------------------------------------------

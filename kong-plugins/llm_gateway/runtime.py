@@ -57,6 +57,18 @@ class Runtime:
             log.warning("routing.deadline (%g s) does not fit in the Service's read_timeout (%g s): requests on "
                         "route %s end after %g s; raise the Service's read_timeout to keep the deadline",
                         config.routing.deadline, seconds, config.route_id or "?", self.deadline(config))
+        if config.limits.stream_idle_timeout > seconds - KONG_TIMEOUT_MARGIN_S:
+            log.info("limits.stream_idle_timeout (%g s) does not fit in the Service's read_timeout (%g s): streams "
+                     "on route %s end after %g s without an event", config.limits.stream_idle_timeout, seconds,
+                     config.route_id or "?", self.stream_idle(config))
+
+    def stream_idle(self, config: GatewayConfig) -> float:
+        """Seconds a stream may wait for the provider's next event: Kong's read timeout also bounds each gap
+        between the listener's writes, and when Kong gives up first the client sees a stream that just stops
+        instead of the gateway's explicit error event."""
+        kong_limit = self._kong_read_timeouts.get(config.key)
+        idle = config.limits.stream_idle_timeout
+        return idle if kong_limit is None else max(1.0, min(idle, kong_limit - KONG_TIMEOUT_MARGIN_S))
 
     def deadline(self, config: GatewayConfig) -> float:
         """Seconds one request may spend routing: the configured deadline, cut to fit Kong's read timeout."""
