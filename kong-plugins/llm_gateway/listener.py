@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from llm_gateway import content_encoding, providers, ticket
+from llm_gateway import content_encoding, logs, providers, ticket
 from llm_gateway.chat_request import ChatRequest, parse_chat_request
 from llm_gateway.complexity import score_request
 from llm_gateway.config import Alias, Deployment, GatewayConfig
@@ -157,6 +157,7 @@ class Listener:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         kong_id = request.headers.get("X-Kong-Request-Id", "")[:64]  # Kong's is 32 hex digits; a bypass may send any
         ex = _Exchange(headers={"X-Request-ID": kong_id or uuid.uuid4().hex})
+        logs.request_id.set(ex.request_id)  # every log line of this request's task carries it
         try:
             return await self._chat_completions(request, ex)
         except GatewayError as err:
