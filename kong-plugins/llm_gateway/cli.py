@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("dump", help="print the plugin info Kong's pluginserver query_cmd expects")
     check = sub.add_parser("check", help="check the llm-gateway entries of declarative kong.yml files, without Kong")
     check.add_argument("files", nargs="+", help="declarative (decK) files, e.g. kong.yml")
+    _add_ops_commands(sub)
     serve = sub.add_parser("serve", help="run the plugin server (Kong's pluginserver start_cmd)")
     env = os.environ.get
     serve.add_argument("--socket", default=env("LLM_GATEWAY_SOCKET"), required=not env("LLM_GATEWAY_SOCKET"),
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         return _check(args.files)
+    if args.command in OPS_COMMANDS:
+        return _run_ops_command(args)
     logs.configure()  # one JSON object per line (logs.py)
     try:
         import uvloop
@@ -82,6 +85,42 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.critical("the plugin server failed", exc_info=True)  # one log line, not a multi-line traceback
         return 1
+    return 0
+
+
+# -- operators' commands: smoke, health, docs (none imports LiteLLM) ---------------------------------------------
+OPS_COMMANDS = ("smoke", "health", "docs")
+
+
+def _add_ops_commands(sub: Any) -> None:
+    env = os.environ.get
+    smoke = sub.add_parser("smoke", help="send a chat request and a stream through Kong and say what happened")
+    smoke.add_argument("--url", default=env("LLM_GATEWAY_SMOKE_URL", "http://localhost:8000"),
+                       help="Kong's proxy URL (default http://localhost:8000)")
+    smoke.add_argument("--key", default=env("LLM_GATEWAY_SMOKE_KEY"), required=not env("LLM_GATEWAY_SMOKE_KEY"),
+                       help="a consumer's key-auth key, e.g. demo-key-alice (env LLM_GATEWAY_SMOKE_KEY)")
+    smoke.add_argument("--model", default="demo", help="the alias to call (default demo)")
+    smoke.add_argument("--timeout", type=float, default=60.0, help="seconds for each request (default 60)")
+    smoke.add_argument("--ready-url", help="also check the plugin server's readiness first, e.g. "
+                       "http://127.0.0.1:9542/health/ready")
+    health = sub.add_parser("health", help="exit 0 when the plugin server is ready (the image's HEALTHCHECK)")
+    health.add_argument("--url", help="readiness URL (default: from LLM_GATEWAY_METRICS_LISTEN, /health/ready)")
+    docs = sub.add_parser("docs", help="print generated documentation")
+    docs.add_argument("topic", choices=["config"], help="config: the plugin configuration reference (Markdown)")
+
+
+def _run_ops_command(args: argparse.Namespace) -> int:
+    if args.command == "smoke":
+        from llm_gateway import smoke
+
+        return smoke.run(args.url, args.key, args.model, timeout=args.timeout, ready_url=args.ready_url)
+    if args.command == "health":
+        from llm_gateway import smoke
+
+        return smoke.health(args.url)
+    from llm_gateway import docs_reference
+
+    sys.stdout.write(docs_reference.configuration_reference())
     return 0
 
 
