@@ -334,3 +334,56 @@ def test_kong_start_refuses_a_bad_kong_yml_naming_the_field(kong: RealKong) -> N
     refused, said = kong.start_refused(bad)
     assert refused, said[-3000:]
     assert "api_key" in said and "should start with: {vault://" in said, said[-3000:]
+
+
+# --- operating it ---------------------------------------------------------------------------------------------
+
+
+def _smoke(*args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "kong-plugins")}
+    return subprocess.run([sys.executable, "-m", "llm_gateway", "smoke", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_smoke_cli_through_real_kong(kong: RealKong) -> None:
+    """The README's first command after `docker compose up`, against a real Kong, and its failures."""
+    ready_url = f"http://127.0.0.1:{kong.ports.metrics}/health/ready"
+    done = _smoke("--url", kong.url, "--key", ALICE, "--ready-url", ready_url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for expected in ("answer: ", "stream: ", "usage: ", "X-Request-ID: ", "X-LLM-Provider: demo",
+                     "X-LLM-Deployment: demo#0", "X-LLM-Attempts: 1", "X-RateLimit-Remaining-Minute: ",
+                     "X-Kong-Upstream-Latency: "):
+        assert expected in done.stdout, (expected, done.stdout)
+    assert ALICE not in done.stdout + done.stderr
+    wrong = _smoke("--url", kong.url, "--key", "not-a-demo-key")
+    assert wrong.returncode == 1 and "Kong refused the key (401" in wrong.stderr, wrong.stderr
+    unknown = _smoke("--url", kong.url, "--key", ALICE, "--model", "nope")
+    assert unknown.returncode == 1 and "has no model 'nope'" in unknown.stderr, unknown.stderr
+    from real_kong import free_port
+
+    down = _smoke("--url", f"http://127.0.0.1:{free_port()}", "--key", ALICE)
+    assert down.returncode == 1 and "cannot reach Kong" in down.stderr, down.stderr
+
+
+def test_the_plugin_server_started_by_kong_is_live_and_ready(kong: RealKong) -> None:
+    for which in ("live", "ready"):
+        status, text = kong.inside_get(f"http://127.0.0.1:{kong.ports.metrics}/health/{which}")
+        assert status == 200, text
+        body = json.loads(text)
+        assert body["status"] == "ok" and body["phase"] == "serving"  # the current one (a predecessor lets go)
+
+
+def test_kongs_prometheus_plugin_counts_the_llm_route(kong: RealKong) -> None:
+    """kong.yml enables Kong's prometheus plugin globally: the dashboard's kong_* series exist."""
+    assert httpx.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers={"apikey": ALICE},
+                      timeout=30).status_code == 200
+    status, text = kong.inside_get(f"http://127.0.0.1:{kong.ports.admin}/metrics")
+    assert status == 200
+    assert any(line.startswith("kong_http_requests_total{") and 'route="chat-completions"' in line
+               and 'code="200"' in line for line in text.splitlines()), text[:2000]
+    kong.metric_names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()  # type: ignore[attr-defined]
+                         if line and not line.startswith("#")}
