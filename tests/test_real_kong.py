@@ -387,3 +387,28 @@ def test_kongs_prometheus_plugin_counts_the_llm_route(kong: RealKong) -> None:
                and 'code="200"' in line for line in text.splitlines()), text[:2000]
     kong.metric_names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()  # type: ignore[attr-defined]
                          if line and not line.startswith("#")}
+
+
+def test_the_dashboards_kong_metrics_exist_in_a_real_kong(kong: RealKong) -> None:
+    from test_shipped_files import METRIC, dashboard_exprs, exported_names
+
+    assert httpx.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers={"apikey": ALICE},
+                      timeout=30).status_code == 200
+    status, text = kong.inside_get(f"http://127.0.0.1:{kong.ports.admin}/metrics")
+    assert status == 200
+    wanted = {name for expr in dashboard_exprs() for name in METRIC.findall(expr) if name.startswith("kong_")}
+    assert wanted and not wanted - exported_names(text), sorted(wanted - exported_names(text))
+
+
+def test_the_compose_stacks_kong_yml_loads_in_real_kong(kong: RealKong) -> None:
+    """docker/kong-compose.yml (Redis through an env vault reference, Kong's opentelemetry plugin) is taken by
+    `kong start`."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "docker" / "kong-compose.yml").read_text())
+    kong.env["LLM_GATEWAY_REDIS_URL"] = "redis://127.0.0.1:6379/15"  # type: ignore[attr-defined]
+    try:
+        refused, said = kong.start_refused(doc)
+    finally:
+        kong.env.pop("LLM_GATEWAY_REDIS_URL")  # type: ignore[attr-defined]
+    assert not refused, said[-3000:]
