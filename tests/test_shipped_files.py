@@ -99,7 +99,8 @@ def _plugin_configs(node: Any) -> list[Any]:
 
 def test_the_docs_have_yaml_examples_of_our_config() -> None:
     with_config = [name for name, text in yaml_examples() if _plugin_configs(yaml.safe_load(text))]
-    assert {"README.md#0", "docs/architecture.md#0"} <= set(with_config), with_config
+    assert {"README.md#0", "docs/architecture.md#0", "docs/migration.md#1", "docs/migration.md#2",
+            "docs/migration.md#4"} <= set(with_config), with_config
 
 
 @pytest.mark.parametrize(("where", "text"), yaml_examples(), ids=[name for name, _ in yaml_examples()])
