@@ -243,6 +243,9 @@ async def serve(args: argparse.Namespace) -> None:
     from llm_gateway.ticket import TicketBook
 
     logs.adopt("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+    from llm_gateway import tracing
+
+    tracing.configure()  # LLM_GATEWAY_TRACING=on: OTLP export (tracing.py); off by default
     log.info("LiteLLM imported in %.2f s", time.monotonic() - started)
     tickets = TicketBook(ttl_seconds=args.ticket_ttl,
                          predecessors=frozenset([previous.issuer]) if previous else frozenset())
@@ -314,4 +317,5 @@ async def serve(args: argparse.Namespace) -> None:
     for runner in runners:
         await runner.cleanup()  # lets requests under way finish (aiohttp's shutdown timeout) before closing
     await runtime.close()  # flushes usage records still queued for Redis
+    await loop.run_in_executor(None, tracing.shutdown)  # exports the spans still buffered
     log.info("plugin server stopped")

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any
 
-from llm_gateway import accounting
+from llm_gateway import accounting, tracing
 from llm_gateway.accounting import TokenUsage, UsageRecord
 from llm_gateway.budgets import BudgetExceeded, BudgetUnavailable, Headroom, Reservation
 from llm_gateway.chat_request import ChatRequest
@@ -140,6 +140,7 @@ class Ledger:
             complexity_score=self.complexity[0] if self.complexity else None,
             complexity_choice=self.complexity[1] if self.complexity else None)
         self.runtime.record_sink(self.config).emit(record)
+        tracing.finish_request(record, self.chat.params, self.usage)  # nothing when tracing is off
         overhead = (self.provider_started - self.started) if self.provider_started else None
         self.runtime.metrics.observe(record, overhead_s=overhead)
         headers = _headroom_headers(self.headroom)
