@@ -1,0 +1,132 @@
+"""What tracing costs a request: the tracing hooks of one LLM request (tracing.py), off and on, in this process.
+
+One "request" runs exactly the hook calls the listener and the ledger make for a JSON request that is served by
+its first attempt: ``start_request``, ``attempt``, the router's call through ``traced_call``, ``finish_request``
+with a real usage record, ``end_request``. Three variants, interleaved over rounds:
+
+    baseline   the same awaited call, no hooks at all
+    off        the hooks, tracing off (the default): each returns at once, the call is not wrapped
+    on         the hooks, tracing on: SDK spans, BatchSpanProcessor, an exporter that drops what it gets
+               (export runs in the SDK's thread; what it would cost to send depends on the collector)
+
+Reported: CPU nanoseconds per request (process_time, min and median over rounds), and the difference to
+baseline; compare with the plugin server's ~1,100-1,600 us of CPU per request (docs/performance.md).
+
+    python bench/tracing_overhead.py [--requests 20000] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "kong-plugins"))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+HEADERS = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "content-type": "application/json"}
+PARAMS = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64, "temperature": 0.2}
+
+
+def _fixtures() -> tuple[Any, Any, Any]:
+    from llm_gateway.accounting import TokenUsage, UsageRecord
+    from llm_gateway.config import Deployment
+    from llm_gateway.openai_compatible import Usage
+
+    deployment = Deployment("openai/gpt-4o-mini", None, None, 60.0, id="chat#0")
+    record = UsageRecord(request_id="r", consumer="alice", consumer_id="c", route="route", alias="chat",
+                         provider="openai", model="gpt-4o-mini", stream=False, status=200, error_code=None,
+                         usage=TokenUsage(20, 10, 30, 0, 0, False), cost_usd=1e-5, latency_ms=12.0, ttft_ms=None,
+                         deployment="chat#0")
+    usage = Usage()
+    usage.finish_reasons.append("stop")
+    return deployment, record, usage
+
+
+async def _provider(deployment: Any) -> bytes:
+    return b"{}"
+
+
+def _variant(tracing: Any, hooks: bool) -> Callable[[], Awaitable[None]]:
+    deployment, record, usage = _fixtures()
+
+    if not hooks:
+        async def baseline() -> None:
+            await _provider(deployment)
+        return baseline
+
+    async def request() -> None:
+        tracing.start_request(HEADERS, "0123456789abcdef0123456789abcdef")
+        tracing.attempt("chat", deployment)
+        await tracing.traced_call(_provider)(deployment)
+        tracing.finish_request(record, PARAMS, usage)
+        tracing.end_request(200, None)
+    return request
+
+
+async def _measure(run: Callable[[], Awaitable[None]], requests: int) -> float:
+    """CPU ns per request; each request in a task of its own, as aiohttp runs each request's handler."""
+    started = time.process_time_ns()
+    for _ in range(requests):
+        await asyncio.get_running_loop().create_task(run())
+    return (time.process_time_ns() - started) / requests
+
+
+class _Dropping:
+    """A SpanExporter that accepts and drops everything."""
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+async def main(requests: int, rounds: int) -> None:
+    import llm_gateway.tracing as off_module
+
+    assert not off_module.enabled()
+    on_module = importlib.util.module_from_spec(importlib.util.find_spec("llm_gateway.tracing"))  # a 2nd copy
+    on_module.__spec__.loader.exec_module(on_module)  # type: ignore[union-attr]
+    assert on_module.configure({}, exporter=_Dropping())
+    variants = {"baseline": _variant(off_module, False), "off": _variant(off_module, True),
+                "on": _variant(on_module, True)}
+    for run in variants.values():  # warm up
+        await _measure(run, 2000)
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            results[name].append(await _measure(run, requests))
+    on_module.shutdown()
+    base = statistics.median(results["baseline"])
+    print(f"python {sys.version.split()[0]}, {requests} requests x {rounds} rounds, CPU ns per request")
+    print(f"{'variant':10} {'min':>9} {'median':>9} {'vs baseline (median)':>22}")
+    for name, values in results.items():
+        median = statistics.median(values)
+        print(f"{name:10} {min(values):9.0f} {median:9.0f} {median - base:+20.0f} ns")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=7)
+    options = parser.parse_args()
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main(options.requests, options.rounds))
