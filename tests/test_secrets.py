@@ -3,7 +3,7 @@ credentials, tickets.
 
 Runs the error paths most likely to leak (provider auth failure, unreachable provider, provider 400 echoing
 input, bypass attempts), then scans what clients got, everything the plugin server logged in this test
-session, its Prometheus metrics and the Redis usage stream. conftest runs this module last, so the scan
+session (one JSON object per line), its Prometheus metrics and health reports, and the Redis usage stream. conftest runs this module last, so the scan
 covers the whole run.
 """
 
@@ -36,6 +36,8 @@ def test_no_secret_in_responses_or_logs(kong: KongHarness, plugin_server: Plugin
     seen.append(json.dumps(dict(bypass.headers)) + bypass.text)
     log = plugin_server.stderr_text()
     seen.append(httpx.get(f"http://{plugin_server.metrics}/metrics", timeout=10).text)
+    for health in ("live", "ready"):  # the health reports name Redis by host, never by URL
+        seen.append(httpx.get(f"http://{plugin_server.metrics}/health/{health}", timeout=10).text)
     records = [b"".join(fields.values()).decode() for _, fields in redis.Redis.from_url(REDIS_URL).xrange(USAGE_STREAM)]
     assert records, "the usage stream should hold this run's records"
     seen.extend(records)
