@@ -3,8 +3,8 @@ credentials, tickets.
 
 Runs the error paths most likely to leak (provider auth failure, unreachable provider, provider 400 echoing
 input, bypass attempts), then scans what clients got, everything the plugin server logged in this test
-session (one JSON object per line), its Prometheus metrics and health reports, and the Redis usage stream. conftest runs this module last, so the scan
-covers the whole run.
+session (one JSON object per line), its Prometheus metrics and health reports, and the Redis usage stream.
+conftest runs this module last, so the scan covers the whole run.
 """
 
 from __future__ import annotations
