@@ -83,11 +83,22 @@ def _docker(request: pytest.FixtureRequest) -> tuple[Any, Any]:
     return engine, image
 
 
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Any]:
+    """An OTLP/HTTP receiver for the traces of the plugin server Kong starts (tracing is on in this tier)."""
+    from test_tracing import Receiver
+
+    found = Receiver()
+    yield found
+    found.server.shutdown()
+
+
 @pytest.fixture(scope="module", params=["image", "binary"])
-def kong(request: pytest.FixtureRequest, mock: MockProvider) -> Iterator[RealKong]:
+def kong(request: pytest.FixtureRequest, mock: MockProvider, receiver: Any) -> Iterator[RealKong]:
     ports = Ports()
     doc = declarative_config(ports.listener, mock.base_url, _models(mock))
-    env = {"OPENAI_API_KEY": PROVIDER_KEY}
+    env = {"OPENAI_API_KEY": PROVIDER_KEY, "LLM_GATEWAY_TRACING": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+           "OTEL_SERVICE_NAME": "llm-gateway-real-kong"}
     if request.param == "binary":
         binary, reason = local_binary()
         if binary is None:
@@ -412,3 +423,19 @@ def test_the_compose_stacks_kong_yml_loads_in_real_kong(kong: RealKong) -> None:
     finally:
         kong.env.pop("LLM_GATEWAY_REDIS_URL")  # type: ignore[attr-defined]
     assert not refused, said[-3000:]
+
+
+def test_the_clients_traceparent_is_continued_through_real_kong(kong: RealKong, receiver: Any) -> None:
+    """Kong forwards the client's W3C traceparent to the listener; the plugin server's request span continues it."""
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    response = httpx.post(f"{kong.url}/v1/chat/completions", json={**HELLO, "model": "gpt-mock"}, timeout=30,
+                          headers={"apikey": ALICE, "traceparent": f"00-{trace_id}-{parent}-01"})
+    assert response.status_code == 200
+    spans = receiver.trace(response.headers["X-Request-ID"], 2, timeout=20)  # the SDK exports every 5 s
+    request = [s for s in spans if s["kind"] == 2]
+    assert request, f"no span for {response.headers['X-Request-ID']}: {receiver.spans[-3:]}"
+    assert request[0]["trace_id"] == trace_id and request[0]["parent"] == parent
+    assert request[0]["service"] == "llm-gateway-real-kong"
+    assert request[0]["attributes"]["gen_ai.request.model"] == "gpt-mock"
+    assert request[0]["attributes"]["llm_gateway.consumer"] == "alice"
+    assert [s for s in spans if s["kind"] == 3 and s["parent"] == request[0]["span_id"]]
