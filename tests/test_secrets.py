@@ -46,3 +46,12 @@ def test_no_secret_in_responses_or_logs(kong: KongHarness, plugin_server: Plugin
         assert not any(secret in text for text in seen), f"{name} leaked into a response, a metric or a record"
         assert secret not in log, f"{name} leaked into the plugin server's log"
     assert not re.search(r"v2\.[0-9a-f]{16}\.", log), "a hand-off ticket was logged"
+
+
+def test_every_line_the_plugin_server_wrote_in_the_whole_run_is_one_json_object(
+        plugin_server: PluginServerProcess) -> None:
+    """Run last (as this module is): every error path of the session has been through the log by now, LiteLLM's
+    included (its own handlers are replaced by ours at start)."""
+    for line in plugin_server.stderr_text().splitlines():
+        entry = json.loads(line)
+        assert isinstance(entry, dict) and {"ts", "level", "logger"} <= entry.keys(), line

@@ -135,7 +135,7 @@ def test_docker_compose_config_accepts_the_stack() -> None:
 def test_the_compose_stack_structure() -> None:
     compose = _compose()
     services = compose["services"]
-    assert set(services) == {"kong", "redis", "prometheus", "grafana", "jaeger"}
+    assert set(services) == {"kong", "redis", "prometheus", "grafana", "jaeger", "traffic"}
     for name, service in services.items():
         assert "image" in service, name
         check = service.get("healthcheck", {}).get("test")
@@ -157,6 +157,9 @@ def test_the_compose_stack_structure() -> None:
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
     assert "kong-llm-gateway health" in " ".join(kong["healthcheck"]["test"])
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    traffic = services["traffic"]
+    assert traffic["image"] == kong["image"] and traffic["depends_on"]["kong"]["condition"] == "service_healthy"
+    assert "kong-llm-gateway smoke --url http://kong:8000" in traffic["command"][0]
 
 
 def test_prometheus_scrapes_the_plugin_server_and_kong_and_grafana_is_provisioned() -> None:
