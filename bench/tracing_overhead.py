@@ -13,6 +13,13 @@ Reported: CPU nanoseconds per request (process_time, min and median over rounds)
 baseline; compare with the plugin server's ~1,100-1,600 us of CPU per request (docs/performance.md).
 
     python bench/tracing_overhead.py [--requests 20000] [--rounds 7]
+
+``--end-to-end``: the whole plugin path instead (bench/stack.py: the Kong-side harness, a plugin server, the mock
+provider in its own process), two plugin servers side by side, one with tracing off and one exporting every
+span over OTLP/HTTP to a local receiver (tests/test_tracing.py's, which decodes them); sequential JSON requests,
+interleaved rounds; reported: the plugin server's CPU ms per request (utime+stime) and the latency median.
+
+    python bench/tracing_overhead.py --end-to-end [--requests 400] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -98,6 +105,10 @@ class _Dropping:
 async def main(requests: int, rounds: int) -> None:
     import llm_gateway.tracing as off_module
 
+    # the batch processor's thread must keep up (the default queue of 2048 fills and drops spans here)
+    os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "50")
+    os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", "65536")
+
     assert not off_module.enabled()
     on_module = importlib.util.module_from_spec(importlib.util.find_spec("llm_gateway.tracing"))  # a 2nd copy
     on_module.__spec__.loader.exec_module(on_module)  # type: ignore[union-attr]
@@ -119,14 +130,57 @@ async def main(requests: int, rounds: int) -> None:
         print(f"{name:10} {min(values):9.0f} {median:9.0f} {median - base:+20.0f} ns")
 
 
+def end_to_end(requests: int, rounds: int) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import httpx
+    from stack import CLIENT_KEY, cpu_seconds, mock_provider, plugin_path
+
+    from test_tracing import Receiver
+
+    receiver = Receiver()
+    body = {"model": "gpt-bench", "messages": [{"role": "user", "content": "Say hello to the benchmark please"}]}
+    traced = {"LLM_GATEWAY_TRACING": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+              "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    with mock_provider() as mock, plugin_path({"gpt-bench": "mock-gpt"}, mock) as off, \
+            plugin_path({"gpt-bench": "mock-gpt"}, mock, env=traced) as on, httpx.Client(timeout=30) as http:
+        paths = {"off": off, "on": on}
+        for path in paths.values():  # warm up
+            for _ in range(50):
+                http.post(f"{path.url}/v1/chat/completions", json=body, headers={"apikey": CLIENT_KEY})
+        for _ in range(rounds):
+            for name, path in paths.items():
+                cpu, latencies = cpu_seconds(path.server.pid), []
+                for _ in range(requests):
+                    started = time.perf_counter()
+                    response = http.post(f"{path.url}/v1/chat/completions", json=body, headers={"apikey": CLIENT_KEY})
+                    latencies.append(time.perf_counter() - started)
+                    assert response.status_code == 200, response.text
+                results[name].append(((cpu_seconds(path.server.pid) - cpu) / requests * 1000,
+                                      statistics.median(latencies) * 1000))
+        time.sleep(1)
+    spans = len(receiver.spans)
+    receiver.server.shutdown()
+    print(f"{requests} sequential JSON requests x {rounds} rounds per server; {spans} spans received from the "
+          "traced one")
+    print(f"{'tracing':8} {'server CPU ms/request (median of rounds)':>40} {'latency median ms':>19}")
+    for name, values in results.items():
+        cpu, latency = statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
+        print(f"{name:8} {cpu:40.3f} {latency:19.2f}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--requests", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--end-to-end", action="store_true")
     options = parser.parse_args()
+    if options.end_to_end:
+        end_to_end(options.requests or 400, options.rounds or 5)
+        sys.exit(0)
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main(options.requests, options.rounds))
+    asyncio.run(main(options.requests or 20000, options.rounds or 7))

@@ -40,6 +40,8 @@ _provider: Any = None
 _propagator: Any = None
 _kinds: Any = None
 _status: Any = None
+_error: Any = None  # StatusCode.ERROR
+_in_context: Any = None  # opentelemetry.trace.set_span_in_context
 
 
 @dataclass
@@ -65,7 +67,7 @@ def enabled() -> bool:
 def configure(env: Mapping[str, str] = os.environ, exporter: Any = None) -> bool:
     """Turn tracing on when ``LLM_GATEWAY_TRACING`` says so (or ``exporter`` is given: tests, benchmarks).
     Returns whether it is on; a missing SDK is one error line and tracing stays off."""
-    global _enabled, _tracer, _provider, _propagator, _kinds, _status
+    global _enabled, _tracer, _provider, _propagator, _kinds, _status, _error, _in_context
     if exporter is None and env.get("LLM_GATEWAY_TRACING", "off").strip().lower() not in ("on", "true", "1", "otlp"):
         return False
     try:
@@ -91,7 +93,8 @@ def configure(env: Mapping[str, str] = os.environ, exporter: Any = None) -> bool
     _provider.add_span_processor(BatchSpanProcessor(exporter))
     _tracer = _provider.get_tracer("llm_gateway", PLUGIN_VERSION)
     _propagator = TraceContextTextMapPropagator()
-    _kinds, _status = trace.SpanKind, trace.Status
+    _kinds, _status, _error = trace.SpanKind, trace.Status, trace.StatusCode.ERROR
+    _in_context = trace.set_span_in_context
     _enabled = True
     log.info("tracing on: spans exported over OTLP (%s)", type(exporter).__name__)
     return True
@@ -127,8 +130,6 @@ def attempt(alias: str, deployment: Any) -> None:
     trace = _current.get()
     if trace is None:
         return
-    from opentelemetry.trace import set_span_in_context
-
     _end_attempt(trace, trace.attempt_error or "superseded")
     trace.attempts += 1
     provider, _, model = deployment.model.partition("/")
@@ -139,7 +140,7 @@ def attempt(alias: str, deployment: Any) -> None:
         trace.span.add_event(event, {**what, "llm_gateway.previous_error": trace.attempt_error or ""})
     trace.alias = alias
     trace.attempt_error = None
-    trace.attempt = _tracer.start_span(f"chat {model}", context=set_span_in_context(trace.span), kind=_kinds.CLIENT,
+    trace.attempt = _tracer.start_span(f"chat {model}", context=_in_context(trace.span), kind=_kinds.CLIENT,
                                        attributes={"gen_ai.operation.name": "chat", "gen_ai.provider.name": provider,
                                                    **what})
 
@@ -174,14 +175,8 @@ def _end_attempt(trace: _Trace, error: str | None, status: int | None = None) ->
         span.set_attribute("error.type", error)
         if status is not None:
             span.set_attribute("http.response.status_code", status)
-        span.set_status(_status(_status_code("ERROR"), error))
+        span.set_status(_status(_error, error))
     span.end()
-
-
-def _status_code(name: str) -> Any:
-    from opentelemetry.trace import StatusCode
-
-    return getattr(StatusCode, name)
 
 
 def finish_request(record: Any, params: Mapping[str, Any], usage: Any = None) -> None:
@@ -225,7 +220,7 @@ def finish_request(record: Any, params: Mapping[str, Any], usage: Any = None) ->
     if record.error_code:
         span.set_attribute("error.type", record.error_code)
     if record.status >= 500:
-        span.set_status(_status(_status_code("ERROR"), record.error_code or str(record.status)))
+        span.set_status(_status(_error, record.error_code or str(record.status)))
 
 
 def end_request(status: int, error_code: str | None = None) -> None:
@@ -242,6 +237,6 @@ def end_request(status: int, error_code: str | None = None) -> None:
     if error_code and status >= 400:
         span.set_attribute("error.type", error_code)
     if status >= 500:
-        span.set_status(_status(_status_code("ERROR"), error_code or str(status)))
+        span.set_status(_status(_error, error_code or str(status)))
     span.end()
     _current.set(None)
