@@ -1,6 +1,7 @@
 """The files we ship are checked like code: every declarative kong.yml and every YAML example in the README and
 docs parses and our plugin's config in it validates against our schema (``declarative_check``); the compose
-stack is valid (``docker compose config`` when a Compose CLI answers, a structural check always); the Grafana
+stack is valid (``docker compose config`` when a Compose CLI answers; the Compose Specification's JSON schema
+and a structural check always); the Grafana
 dashboard asks only for metrics the plugin server really exports (a live scrape); the generated configuration
 reference is the committed one."""
 
@@ -130,6 +131,14 @@ def test_docker_compose_config_accepts_the_stack() -> None:
     result = subprocess.run([*command, "-f", str(DOCKER / "compose.yml"), "config", "--quiet"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_compose_file_validates_against_the_compose_specification() -> None:
+    """The Compose Specification's JSON schema (as check-jsonschema vendors it): what `docker compose config`
+    would refuse as a malformed file (unknown keys, wrong types), without a Docker CLI."""
+    result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                             str(DOCKER / "compose.yml")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_compose_stack_structure() -> None:
