@@ -3,8 +3,11 @@ against a real Kong too: tests/test_real_kong.py). Run as a user runs them: the 
 
 from __future__ import annotations
 
+import http.server
+import json
 import subprocess
 import sys
+import threading
 
 from conftest import ALICE_KEY, free_port, route_to
 from kong_harness import KongHarness, PluginServerProcess, _plugin_env
@@ -85,3 +88,44 @@ def test_health_command_says_ready_or_why_not(plugin_server: PluginServerProcess
     down = subprocess.run([sys.executable, "-m", "llm_gateway", "health"], env=env, capture_output=True,
                           text=True, timeout=30)
     assert down.returncode == 1 and down.stderr.startswith("not ready: no answer from http://127.0.0.1:")
+
+
+class _Streams(http.server.BaseHTTPRequestHandler):
+    """Answers JSON requests properly and streams as the path says: one chunk, then an error event or nothing."""
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if not body.get("stream"):
+            answer = json.dumps({"choices": [{"message": {"role": "assistant", "content": "fine"}}],
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+            self._send("application/json", answer)
+            return
+        chunk = {"choices": [{"delta": {"content": "par"}}]}
+        events = f"data: {json.dumps(chunk)}\n\n"
+        if self.path.startswith("/error"):
+            events += 'data: {"error": {"code": "provider_error", "message": "The provider failed."}}\n\n'
+        self._send("text/event-stream", events.encode())
+
+    def _send(self, content_type: str, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_smoke_fails_on_an_error_event_or_a_stream_without_its_end() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Streams)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        failed = smoke("--url", f"{base}/error", "--key", "k")
+        assert failed.returncode == 1 and "answer: fine" in failed.stdout and "stream: par" in failed.stdout
+        assert "the stream ended with an error event (provider_error: The provider failed.)" in failed.stderr
+        cut = smoke("--url", f"{base}/cut", "--key", "k")
+        assert cut.returncode == 1 and "ended without its final [DONE] event" in cut.stderr, cut.stderr
+    finally:
+        server.shutdown()
