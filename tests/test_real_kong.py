@@ -98,7 +98,9 @@ def kong(request: pytest.FixtureRequest, mock: MockProvider, receiver: Any) -> I
     ports = Ports()
     doc = declarative_config(ports.listener, mock.base_url, _models(mock))
     env = {"OPENAI_API_KEY": PROVIDER_KEY, "LLM_GATEWAY_TRACING": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
-           "OTEL_SERVICE_NAME": "llm-gateway-real-kong"}
+           "OTEL_SERVICE_NAME": "llm-gateway-real-kong",
+           # Kong's opentelemetry plugin with Kong's tracing off propagates "not sampled": trace anyway
+           "OTEL_TRACES_SAMPLER": "always_on"}
     if request.param == "binary":
         binary, reason = local_binary()
         if binary is None:
@@ -439,3 +441,38 @@ def test_the_clients_traceparent_is_continued_through_real_kong(kong: RealKong, 
     assert request[0]["attributes"]["gen_ai.request.model"] == "gpt-mock"
     assert request[0]["attributes"]["llm_gateway.consumer"] == "alice"
     assert [s for s in spans if s["kind"] == 3 and s["parent"] == request[0]["span_id"]]
+
+
+def test_kongs_opentelemetry_plugin_propagates_and_the_plugin_server_continues_its_trace(
+        kong: RealKong, receiver: Any) -> None:
+    """With Kong's opentelemetry plugin on, Kong puts its own span between the client's and ours: our request
+    span is in the client's trace, and its parent is Kong's span, not the client's."""
+    doc = json.loads(json.dumps(kong.doc))  # type: ignore[attr-defined]
+    doc.setdefault("plugins", []).append({"name": "opentelemetry", "config": {
+        "traces_endpoint": f"{receiver.url}/v1/traces", "propagation": {"default_format": "w3c"}}})
+    kong.reload(doc)
+    try:
+        seen: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:  # the reload's new workers take a moment; old ones forward as is
+            trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+            response = httpx.post(f"{kong.url}/v1/chat/completions", json={**HELLO, "model": "gpt-mock"}, timeout=30,
+                                  headers={"apikey": ALICE, "traceparent": f"00-{trace_id}-{parent}-01"})
+            if response.status_code != 200:
+                seen.append((response.status_code, ""))
+                time.sleep(0.2)
+                continue
+            request_id = response.headers["X-Request-ID"]
+            spans = [s for s in receiver.trace(request_id, 2, timeout=20)
+                     if s["kind"] == 2 and s["attributes"].get("kong.request_id") == request_id]
+            assert spans, "no span from the plugin server"
+            assert spans[0]["trace_id"] == trace_id, "the client's trace was not continued"
+            seen.append((200, spans[0]["parent"]))
+            if spans[0]["parent"] not in ("", parent):
+                break  # Kong's span is the parent of ours
+        else:
+            errors = [line for line in kong.error_log().splitlines() if "[error]" in line or "[crit]" in line]
+            raise AssertionError(f"Kong's opentelemetry plugin never put its span in between: {seen[-5:]}\n"
+                                 f"{errors[-10:]}")
+    finally:
+        kong.reload(kong.doc)  # type: ignore[attr-defined]
