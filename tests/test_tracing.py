@@ -215,3 +215,32 @@ def test_tracing_is_off_by_default_and_its_hooks_do_nothing() -> None:
 
 def test_the_untraced_server_says_nothing_about_tracing(plugin_server: PluginServerProcess) -> None:
     assert "tracing on" not in plugin_server.stderr_text()
+
+
+def test_a_tracing_failure_never_reaches_the_request() -> None:
+    """A bug inside a hook is one warning line, not an exception in the listener (a copy of the module, so this
+    process's own stays off)."""
+    import importlib.util
+
+    import llm_gateway.tracing
+
+    spec = importlib.util.find_spec("llm_gateway.tracing")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)  # type: ignore[union-attr]
+
+    class Dropping:
+        def export(self, spans: Any) -> Any:
+            from opentelemetry.sdk.trace.export import SpanExportResult
+
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    assert copy.configure({}, exporter=Dropping()) and not llm_gateway.tracing.enabled()
+    copy._tracer = None  # every span start now raises inside the hooks
+    copy.start_request({}, "r1")
+    copy.attempt("a", type("D", (), {"model": "openai/x", "id": "a#0"})())
+    copy.finish_request(object(), {})
+    copy.end_request(200)
+    copy.shutdown()

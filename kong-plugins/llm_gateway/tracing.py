@@ -116,6 +116,13 @@ def start_request(headers: Mapping[str, str], request_id: str) -> None:
     """The request span, child of the caller's ``traceparent`` when there is one."""
     if not _enabled:
         return
+    try:
+        _start_request(headers, request_id)
+    except Exception:  # a tracing bug must never fail the request
+        _failed("start_request")
+
+
+def _start_request(headers: Mapping[str, str], request_id: str) -> None:
     parent = _propagator.extract({"traceparent": headers.get("traceparent", ""),
                                   "tracestate": headers.get("tracestate", "")}) if "traceparent" in headers else None
     span = _tracer.start_span("chat", context=parent, kind=_kinds.SERVER, attributes={
@@ -127,6 +134,13 @@ def attempt(alias: str, deployment: Any) -> None:
     """A provider attempt begins (retries and fallbacks are events on the request span too)."""
     if not _enabled:
         return
+    try:
+        _attempt(alias, deployment)
+    except Exception:  # a tracing bug must never fail the request
+        _failed("attempt")
+
+
+def _attempt(alias: str, deployment: Any) -> None:
     trace = _current.get()
     if trace is None:
         return
@@ -145,6 +159,10 @@ def attempt(alias: str, deployment: Any) -> None:
                                                    **what})
 
 
+def _failed(hook: str) -> None:
+    log.warning("tracing: %s failed; the request goes on", hook, exc_info=log.isEnabledFor(logging.DEBUG))
+
+
 def traced_call(call: Callable[[Any], Awaitable[T]]) -> Callable[[Any], Awaitable[T]]:
     """The router's call, ending each attempt span with its outcome; the call itself when tracing is off."""
     if not _enabled:
@@ -154,17 +172,22 @@ def traced_call(call: Callable[[Any], Awaitable[T]]) -> Callable[[Any], Awaitabl
         try:
             result = await call(deployment)
         except BaseException as exc:
-            trace = _current.get()
-            if trace is not None:
-                trace.attempt_error = getattr(exc, "code", None) or type(exc).__name__
-                _end_attempt(trace, trace.attempt_error, getattr(exc, "status", None))
+            _attempt_ended(getattr(exc, "code", None) or type(exc).__name__, getattr(exc, "status", None))
             raise
-        trace = _current.get()
-        if trace is not None:
-            _end_attempt(trace, None)
+        _attempt_ended(None, None)
         return result
 
     return traced
+
+
+def _attempt_ended(error: str | None, status: int | None) -> None:
+    try:
+        trace = _current.get()
+        if trace is not None:
+            trace.attempt_error = error
+            _end_attempt(trace, error, status)
+    except Exception:
+        _failed("attempt end")
 
 
 def _end_attempt(trace: _Trace, error: str | None, status: int | None = None) -> None:
@@ -184,6 +207,13 @@ def finish_request(record: Any, params: Mapping[str, Any], usage: Any = None) ->
     finish reasons the provider gave (``openai_compatible.Usage``)."""
     if not _enabled:
         return
+    try:
+        _finish_request(record, params, usage)
+    except Exception:  # a tracing bug must never fail the request
+        _failed("finish_request")
+
+
+def _finish_request(record: Any, params: Mapping[str, Any], usage: Any = None) -> None:
     trace = _current.get()
     if trace is None:
         return
@@ -227,6 +257,13 @@ def end_request(status: int, error_code: str | None = None) -> None:
     """The request span ends (once), with the status the client got."""
     if not _enabled:
         return
+    try:
+        _end_request(status, error_code)
+    except Exception:  # a tracing bug must never fail the request
+        _failed("end_request")
+
+
+def _end_request(status: int, error_code: str | None = None) -> None:
     trace = _current.get()
     if trace is None or trace.ended:
         return
