@@ -157,14 +157,15 @@ class PluginPath:
 
 
 @contextmanager
-def plugin_path(aliases: dict[str, str], mock: MockProcess) -> Iterator[PluginPath]:
+def plugin_path(aliases: dict[str, str], mock: MockProcess,
+                env: dict[str, str] | None = None) -> Iterator[PluginPath]:
     """The plugin server and the Kong-side harness in front of it, as tests/conftest.py builds them.
 
     Call it from the main thread: the plugin server asks Linux to end it when the thread that started it
     ends (PR_SET_PDEATHSIG)."""
     sock = str(Path(tempfile.mkdtemp(prefix="bench-kong-")) / "llm-gateway.sock")
     server = start_plugin_server(sock, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
-                                 env={"BENCH_PROVIDER_KEY": PROVIDER_KEY})
+                                 env={"BENCH_PROVIDER_KEY": PROVIDER_KEY, **(env or {})})
     try:
         with KongHarness(sock, gateway_config(aliases, mock.openai_base), CONSUMERS,
                          service_url=f"http://{server.listen}") as kong:

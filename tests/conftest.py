@@ -153,13 +153,15 @@ def kong(plugin_server: PluginServerProcess, mock_provider: MockProvider) -> Ite
 
 
 def usage_records(server: PluginServerProcess) -> dict[str, dict[str, Any]]:
-    """The usage records the plugin server logged (one JSON line each), by request id."""
+    """The usage records the plugin server logged (one JSON log line each, ``"event": "usage"``), by request id."""
     records = {}
     for line in server.stderr_text().splitlines():
-        _, marker, payload = line.partition("llm_gateway.usage: ")
-        if marker:
-            record = json.loads(payload)
-            records[record["request_id"]] = record
+        start = line.find('{"ts":')  # Kong prefixes the lines it copies into its error log
+        if start < 0 or '"event":"usage"' not in line:
+            continue
+        entry = json.loads(line[start:])
+        if entry.get("event") == "usage":
+            records[entry["request_id"]] = entry
     return records
 
 

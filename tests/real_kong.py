@@ -218,6 +218,7 @@ class LocalKong(RealKong):
             # this build: the router and wasm the image has but a source build here may not
             "router_flavor": "traditional",
             "wasm": "off",
+            "admin_gui_listen": "off",  # Kong Manager's fixed ports would clash with a second Kong (start_refused)
         })
         if os.geteuid() == 0 and not _world_can_run(sys.executable):
             settings["nginx_user"] = "root root"  # workers as nobody could not run a Python under /root
@@ -305,6 +306,7 @@ class DockerKong(RealKong):
             "KONG_ADMIN_LISTEN": f"127.0.0.1:{ports.admin}",
             "KONG_LOG_LEVEL": "info",
             "KONG_NGINX_WORKER_PROCESSES": "2",
+            "KONG_ADMIN_GUI_LISTEN": "off",  # host network: Kong Manager's fixed ports would clash with a second Kong
         }
 
     def _put(self, container: Any, doc: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 
 from llm_gateway import accounting
 from llm_gateway.accounting import Prices, RecordSink, TokenUsage, UsageRecord
+from llm_gateway.logs import JSONFormatter
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 PREFIX = f"llmgw-test-accounting-{secrets.token_hex(4)}:"
@@ -256,7 +257,7 @@ class _Lines(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(JSONFormatter())
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -278,10 +279,10 @@ def usage_lines() -> Iterator[list[str]]:
 def _logged(lines: list[str]) -> dict[str, dict]:
     records = {}
     for line in lines:
-        _, marker, payload = line.partition("llm_gateway.usage: ")
-        if marker:
-            record = json.loads(payload)
-            records[record["request_id"]] = record
+        entry = json.loads(line)  # one JSON object per line, the usage record's fields at its top level
+        if entry.pop("event", None) == "usage":
+            assert entry.pop("logger") == "llm_gateway.usage" and entry.pop("level") == "INFO" and entry.pop("ts")
+            records[entry["request_id"]] = entry
     return records
 
 

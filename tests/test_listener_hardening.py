@@ -85,8 +85,10 @@ def assert_openai_error(body: bytes, status_code: str | None = None) -> dict:
     return error
 
 
-def log_lines_for(server: PluginServerProcess, request_id: str) -> list[str]:
-    return [line for line in server.stderr_text().splitlines() if request_id in line]
+def log_lines_for(server: PluginServerProcess, request_id: str) -> list[dict]:
+    """The plugin server's JSON log lines about one request (its request_id field, or naming it)."""
+    lines = [json.loads(line) for line in server.stderr_text().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("request_id") == request_id or request_id in line.get("message", "")]
 
 
 # -- a plugin server with faults ------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ def test_accounting_failure_at_stream_end_ends_the_stream_cleanly(faulty_kong: K
     wait_for(lambda: delta(before, requests_by_status(faulty_server.metrics)) == {"502": 1})  # type: ignore[attr-defined]
     lines = log_lines_for(faulty_server, request_id)
     assert not any("Traceback" in line for line in faulty_server.stderr_text().splitlines())
-    assert sum(" ERROR " in line for line in lines) <= 1, lines
+    assert sum(line["level"] == "ERROR" for line in lines) <= 1, lines
 
 
 def test_unexpected_failure_before_accounting_is_a_counted_500(faulty_kong: KongHarness,
@@ -160,8 +162,9 @@ def test_client_leaving_mid_stream_is_a_499_record_without_a_traceback(kong: Kon
     assert record["completion_tokens"] > 0, "what the provider produced before the client left is charged"
     wait_for(lambda: delta(before, requests_by_status(plugin_server.metrics)).get("499") == 1)  # type: ignore[attr-defined]
     lines = log_lines_for(plugin_server, request_id)
-    assert not any(" ERROR " in line for line in lines), lines
-    assert any(" INFO llm_gateway.listener" in line and "left" in line for line in lines), lines
+    assert not any(line["level"] == "ERROR" for line in lines), lines
+    assert any(line["level"] == "INFO" and line["logger"] == "llm_gateway.listener" and "left" in line["message"]
+               for line in lines), lines
     assert "Traceback" not in plugin_server.stderr_text()
 
 

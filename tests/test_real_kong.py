@@ -83,11 +83,24 @@ def _docker(request: pytest.FixtureRequest) -> tuple[Any, Any]:
     return engine, image
 
 
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Any]:
+    """An OTLP/HTTP receiver for the traces of the plugin server Kong starts (tracing is on in this tier)."""
+    from test_tracing import Receiver
+
+    found = Receiver()
+    yield found
+    found.server.shutdown()
+
+
 @pytest.fixture(scope="module", params=["image", "binary"])
-def kong(request: pytest.FixtureRequest, mock: MockProvider) -> Iterator[RealKong]:
+def kong(request: pytest.FixtureRequest, mock: MockProvider, receiver: Any) -> Iterator[RealKong]:
     ports = Ports()
     doc = declarative_config(ports.listener, mock.base_url, _models(mock))
-    env = {"OPENAI_API_KEY": PROVIDER_KEY}
+    env = {"OPENAI_API_KEY": PROVIDER_KEY, "LLM_GATEWAY_TRACING": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+           "OTEL_SERVICE_NAME": "llm-gateway-real-kong",
+           # Kong's opentelemetry plugin with Kong's tracing off propagates "not sampled": trace anyway
+           "OTEL_TRACES_SAMPLER": "always_on"}
     if request.param == "binary":
         binary, reason = local_binary()
         if binary is None:
@@ -354,3 +367,132 @@ def test_error_answers_through_kong_say_whether_to_retry(kong: RealKong) -> None
                           headers={"apikey": ALICE}, timeout=30)
     assert response.status_code == 404 and response.headers["x-should-retry"] == "false"
     assert response.json()["error"]["param"] == "model"
+
+
+# --- operating it ---------------------------------------------------------------------------------------------
+
+
+def _smoke(*args: str) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "kong-plugins")}
+    return subprocess.run([sys.executable, "-m", "llm_gateway", "smoke", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_smoke_cli_through_real_kong(kong: RealKong) -> None:
+    """The README's first command after `docker compose up`, against a real Kong, and its failures."""
+    ready_url = f"http://127.0.0.1:{kong.ports.metrics}/health/ready"
+    done = _smoke("--url", kong.url, "--key", ALICE, "--ready-url", ready_url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for expected in ("answer: ", "stream: ", "usage: ", "X-Request-ID: ", "X-LLM-Provider: demo",
+                     "X-LLM-Deployment: demo#0", "X-LLM-Attempts: 1", "X-RateLimit-Remaining-Minute: ",
+                     "X-Kong-Upstream-Latency: "):
+        assert expected in done.stdout, (expected, done.stdout)
+    assert ALICE not in done.stdout + done.stderr
+    wrong = _smoke("--url", kong.url, "--key", "not-a-demo-key")
+    assert wrong.returncode == 1 and "Kong refused the key (401" in wrong.stderr, wrong.stderr
+    unknown = _smoke("--url", kong.url, "--key", ALICE, "--model", "nope")
+    assert unknown.returncode == 1 and "has no model 'nope'" in unknown.stderr, unknown.stderr
+    from real_kong import free_port
+
+    down = _smoke("--url", f"http://127.0.0.1:{free_port()}", "--key", ALICE)
+    assert down.returncode == 1 and "cannot reach Kong" in down.stderr, down.stderr
+
+
+def test_the_plugin_server_started_by_kong_is_live_and_ready(kong: RealKong) -> None:
+    for which in ("live", "ready"):
+        status, text = kong.inside_get(f"http://127.0.0.1:{kong.ports.metrics}/health/{which}")
+        assert status == 200, text
+        body = json.loads(text)
+        assert body["status"] == "ok" and body["phase"] == "serving"  # the current one (a predecessor lets go)
+
+
+def test_kongs_prometheus_plugin_counts_the_llm_route(kong: RealKong) -> None:
+    """kong.yml enables Kong's prometheus plugin globally: the dashboard's kong_* series exist."""
+    assert httpx.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers={"apikey": ALICE},
+                      timeout=30).status_code == 200
+    status, text = kong.inside_get(f"http://127.0.0.1:{kong.ports.admin}/metrics")
+    assert status == 200
+    assert any(line.startswith("kong_http_requests_total{") and 'route="chat-completions"' in line
+               and 'code="200"' in line for line in text.splitlines()), text[:2000]
+    kong.metric_names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()  # type: ignore[attr-defined]
+                         if line and not line.startswith("#")}
+
+
+def test_the_dashboards_kong_metrics_exist_in_a_real_kong(kong: RealKong) -> None:
+    from test_shipped_files import METRIC, dashboard_exprs, exported_names
+
+    assert httpx.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers={"apikey": ALICE},
+                      timeout=30).status_code == 200
+    status, text = kong.inside_get(f"http://127.0.0.1:{kong.ports.admin}/metrics")
+    assert status == 200
+    wanted = {name for expr in dashboard_exprs() for name in METRIC.findall(expr) if name.startswith("kong_")}
+    assert wanted and not wanted - exported_names(text), sorted(wanted - exported_names(text))
+
+
+def test_the_compose_stacks_kong_yml_loads_in_real_kong(kong: RealKong) -> None:
+    """docker/kong-compose.yml (Redis through an env vault reference, Kong's opentelemetry plugin) is taken by
+    `kong start`."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "docker" / "kong-compose.yml").read_text())
+    kong.env["LLM_GATEWAY_REDIS_URL"] = "redis://127.0.0.1:6379/15"  # type: ignore[attr-defined]
+    try:
+        refused, said = kong.start_refused(doc)
+    finally:
+        kong.env.pop("LLM_GATEWAY_REDIS_URL")  # type: ignore[attr-defined]
+    assert not refused, said[-3000:]
+
+
+def test_the_clients_traceparent_is_continued_through_real_kong(kong: RealKong, receiver: Any) -> None:
+    """Kong forwards the client's W3C traceparent to the listener; the plugin server's request span continues it."""
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    response = httpx.post(f"{kong.url}/v1/chat/completions", json={**HELLO, "model": "gpt-mock"}, timeout=30,
+                          headers={"apikey": ALICE, "traceparent": f"00-{trace_id}-{parent}-01"})
+    assert response.status_code == 200
+    spans = receiver.trace(response.headers["X-Request-ID"], 2, timeout=20)  # the SDK exports every 5 s
+    request = [s for s in spans if s["kind"] == 2]
+    assert request, f"no span for {response.headers['X-Request-ID']}: {receiver.spans[-3:]}"
+    assert request[0]["trace_id"] == trace_id and request[0]["parent"] == parent
+    assert request[0]["service"] == "llm-gateway-real-kong"
+    assert request[0]["attributes"]["gen_ai.request.model"] == "gpt-mock"
+    assert request[0]["attributes"]["llm_gateway.consumer"] == "alice"
+    assert [s for s in spans if s["kind"] == 3 and s["parent"] == request[0]["span_id"]]
+
+
+def test_kongs_opentelemetry_plugin_propagates_and_the_plugin_server_continues_its_trace(
+        kong: RealKong, receiver: Any) -> None:
+    """With Kong's opentelemetry plugin on, Kong puts its own span between the client's and ours: our request
+    span is in the client's trace, and its parent is Kong's span, not the client's."""
+    doc = json.loads(json.dumps(kong.doc))  # type: ignore[attr-defined]
+    doc.setdefault("plugins", []).append({"name": "opentelemetry", "config": {
+        "traces_endpoint": f"{receiver.url}/v1/traces", "propagation": {"default_format": "w3c"}}})
+    kong.reload(doc)
+    try:
+        seen: list[tuple[int, str]] = []
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:  # the reload's new workers take a moment; old ones forward as is
+            trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+            response = httpx.post(f"{kong.url}/v1/chat/completions", json={**HELLO, "model": "gpt-mock"}, timeout=30,
+                                  headers={"apikey": ALICE, "traceparent": f"00-{trace_id}-{parent}-01"})
+            if response.status_code != 200:
+                seen.append((response.status_code, ""))
+                time.sleep(0.2)
+                continue
+            request_id = response.headers["X-Request-ID"]
+            spans = [s for s in receiver.trace(request_id, 2, timeout=20)
+                     if s["kind"] == 2 and s["attributes"].get("kong.request_id") == request_id]
+            assert spans, "no span from the plugin server"
+            assert spans[0]["trace_id"] == trace_id, "the client's trace was not continued"
+            seen.append((200, spans[0]["parent"]))
+            if spans[0]["parent"] not in ("", parent):
+                break  # Kong's span is the parent of ours
+        else:
+            errors = [line for line in kong.error_log().splitlines() if "[error]" in line or "[crit]" in line]
+            raise AssertionError(f"Kong's opentelemetry plugin never put its span in between: {seen[-5:]}\n"
+                                 f"{errors[-10:]}")
+    finally:
+        kong.reload(kong.doc)  # type: ignore[attr-defined]

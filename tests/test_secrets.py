@@ -3,8 +3,8 @@ credentials, tickets.
 
 Runs the error paths most likely to leak (provider auth failure, unreachable provider, provider 400 echoing
 input, bypass attempts), then scans what clients got, everything the plugin server logged in this test
-session, its Prometheus metrics and the Redis usage stream. conftest runs this module last, so the scan
-covers the whole run.
+session (one JSON object per line), its Prometheus metrics and health reports, and the Redis usage stream.
+conftest runs this module last, so the scan covers the whole run.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def test_no_secret_in_responses_or_logs(kong: KongHarness, plugin_server: Plugin
     seen.append(json.dumps(dict(bypass.headers)) + bypass.text)
     log = plugin_server.stderr_text()
     seen.append(httpx.get(f"http://{plugin_server.metrics}/metrics", timeout=10).text)
+    for health in ("live", "ready"):  # the health reports name Redis by host, never by URL
+        seen.append(httpx.get(f"http://{plugin_server.metrics}/health/{health}", timeout=10).text)
     records = [b"".join(fields.values()).decode() for _, fields in redis.Redis.from_url(REDIS_URL).xrange(USAGE_STREAM)]
     assert records, "the usage stream should hold this run's records"
     seen.extend(records)
@@ -44,3 +46,12 @@ def test_no_secret_in_responses_or_logs(kong: KongHarness, plugin_server: Plugin
         assert not any(secret in text for text in seen), f"{name} leaked into a response, a metric or a record"
         assert secret not in log, f"{name} leaked into the plugin server's log"
     assert not re.search(r"v2\.[0-9a-f]{16}\.", log), "a hand-off ticket was logged"
+
+
+def test_every_line_the_plugin_server_wrote_in_the_whole_run_is_one_json_object(
+        plugin_server: PluginServerProcess) -> None:
+    """Run last (as this module is): every error path of the session has been through the log by now, LiteLLM's
+    included (its own handlers are replaced by ours at start)."""
+    for line in plugin_server.stderr_text().splitlines():
+        entry = json.loads(line)
+        assert isinstance(entry, dict) and {"ts", "level", "logger"} <= entry.keys(), line

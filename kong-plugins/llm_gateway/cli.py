@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from llm_gateway import PLUGIN_NAME, handover
+from llm_gateway import PLUGIN_NAME, handover, logs
 from llm_gateway.schema import plugin_info
 
 log = logging.getLogger("llm_gateway")
@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("dump", help="print the plugin info Kong's pluginserver query_cmd expects")
     check = sub.add_parser("check", help="check the llm-gateway entries of declarative kong.yml files, without Kong")
     check.add_argument("files", nargs="+", help="declarative (decK) files, e.g. kong.yml")
+    _add_ops_commands(sub)
     serve = sub.add_parser("serve", help="run the plugin server (Kong's pluginserver start_cmd)")
     env = os.environ.get
     serve.add_argument("--socket", default=env("LLM_GATEWAY_SOCKET"), required=not env("LLM_GATEWAY_SOCKET"),
@@ -70,15 +71,56 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check":
         return _check(args.files)
-    logging.basicConfig(stream=sys.stderr, level=os.environ.get("LLM_GATEWAY_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in OPS_COMMANDS:
+        return _run_ops_command(args)
+    logs.configure()  # one JSON object per line (logs.py)
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args))
+    except Exception:
+        log.critical("the plugin server failed", exc_info=True)  # one log line, not a multi-line traceback
+        return 1
+    return 0
+
+
+# -- operators' commands: smoke, health, docs (none imports LiteLLM) ---------------------------------------------
+OPS_COMMANDS = ("smoke", "health", "docs")
+
+
+def _add_ops_commands(sub: Any) -> None:
+    env = os.environ.get
+    smoke = sub.add_parser("smoke", help="send a chat request and a stream through Kong and say what happened")
+    smoke.add_argument("--url", default=env("LLM_GATEWAY_SMOKE_URL", "http://localhost:8000"),
+                       help="Kong's proxy URL (default http://localhost:8000)")
+    smoke.add_argument("--key", default=env("LLM_GATEWAY_SMOKE_KEY"), required=not env("LLM_GATEWAY_SMOKE_KEY"),
+                       help="a consumer's key-auth key, e.g. demo-key-alice (env LLM_GATEWAY_SMOKE_KEY)")
+    smoke.add_argument("--model", default="demo", help="the alias to call (default demo)")
+    smoke.add_argument("--timeout", type=float, default=60.0, help="seconds for each request (default 60)")
+    smoke.add_argument("--ready-url", help="also check the plugin server's readiness first, e.g. "
+                       "http://127.0.0.1:9542/health/ready")
+    health = sub.add_parser("health", help="exit 0 when the plugin server is ready (the image's HEALTHCHECK)")
+    health.add_argument("--url", help="readiness URL (default: from LLM_GATEWAY_METRICS_LISTEN, /health/ready)")
+    docs = sub.add_parser("docs", help="print generated documentation")
+    docs.add_argument("topic", choices=["config"], help="config: the plugin configuration reference (Markdown)")
+
+
+def _run_ops_command(args: argparse.Namespace) -> int:
+    if args.command == "smoke":
+        from llm_gateway import smoke
+
+        return smoke.run(args.url, args.key, args.model, timeout=args.timeout, ready_url=args.ready_url)
+    if args.command == "health":
+        from llm_gateway import smoke
+
+        return smoke.health(args.url)
+    from llm_gateway import docs_reference
+
+    sys.stdout.write(docs_reference.configuration_reference())
     return 0
 
 
@@ -113,18 +155,34 @@ async def _serve_http(app: object, sock: socket.socket) -> Any:
     return runner
 
 
-async def _start_metrics(listen: str, runtime: Any, wait_s: float) -> Any:
-    """Prometheus /metrics in a thread; after a kong reload, once the predecessor has let go of the port."""
+def _bind_metrics(listen: str, metrics: Any, health: Any) -> Any:
+    """/metrics and health in a thread, bound at once if the port is free (None otherwise): before LiteLLM is
+    imported, so health answers "starting" from the first moments (after a kong reload the predecessor holds
+    the port until it steps aside, and ``_start_metrics`` binds it then)."""
     if listen == "off":
         return None
     from llm_gateway.metrics import start_metrics_server
 
     host, port = _host_port(listen)
+    try:
+        server = start_metrics_server(host, port, metrics, health)
+    except OSError:
+        return None
+    log.info("Prometheus metrics on http://%s:%d/metrics, health on /health/live and /health/ready", host, port)
+    return server
+
+
+async def _start_metrics(listen: str, metrics: Any, health: Any, wait_s: float) -> Any:
+    """Prometheus /metrics and health in a thread; after a kong reload, once the predecessor has let go of the
+    port."""
+    if listen == "off":
+        return None
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            server = start_metrics_server(host, port, runtime.metrics)
-            log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
+            server = _bind_metrics(listen, metrics, health)
+            if server is None:
+                raise OSError("address in use")
             return server
         except OSError as exc:
             if time.monotonic() >= deadline:  # metrics are worth an error line, not an outage
@@ -161,6 +219,10 @@ async def serve(args: argparse.Namespace) -> None:
     _die_with_parent()
     parent = os.getppid()
     started = time.monotonic()
+    from llm_gateway.health import Health, fail_closed_redis, watch
+    from llm_gateway.metrics import Metrics
+
+    health = Health(stale_after=float(os.environ.get("LLM_GATEWAY_LIVENESS_STALE_S", "10")))
     # Kong's socket and the listener's port exist before the seconds of importing LiteLLM (see handover.py):
     # what arrives meanwhile waits in the backlog and is served once the server is ready.
     previous = handover.predecessor(args.socket)
@@ -168,6 +230,9 @@ async def serve(args: argparse.Namespace) -> None:
     listener_socket = handover.bind_tcp(*args.listen, "LLM listener", wait_s=0 if previous else 15)
     if listener_socket is None and previous is None:
         raise OSError(f"{args.listen[0]}:{args.listen[1]} is taken; cannot listen")
+    metrics = Metrics()
+    metrics_server = _bind_metrics(args.metrics_listen, metrics, health)  # health answers from now on
+    health.enter("importing")
     from llm_gateway import providers  # imports LiteLLM: seconds of CPU
     from llm_gateway.config import ConfigRegistry
     from llm_gateway.demo_provider import demo_app
@@ -177,11 +242,15 @@ async def serve(args: argparse.Namespace) -> None:
     from llm_gateway.runtime import Runtime
     from llm_gateway.ticket import TicketBook
 
+    logs.adopt("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+    from llm_gateway import tracing
+
+    tracing.configure()  # LLM_GATEWAY_TRACING=on: OTLP export (tracing.py); off by default
     log.info("LiteLLM imported in %.2f s", time.monotonic() - started)
     tickets = TicketBook(ttl_seconds=args.ticket_ttl,
                          predecessors=frozenset([previous.issuer]) if previous else frozenset())
     handover.announce(args.socket, tickets.issuer)
-    runtime = Runtime(registry=ConfigRegistry(), tickets=tickets)
+    runtime = Runtime(registry=ConfigRegistry(), tickets=tickets, metrics=metrics)
     if listener_socket is None:  # kong reload: the predecessor stops accepting and lets go of its ports
         assert previous is not None
         listener_socket = handover.take_over(previous, *args.listen, "LLM listener")
@@ -191,12 +260,17 @@ async def serve(args: argparse.Namespace) -> None:
     if demo is None:
         raise OSError(f"{demo_host}:{demo_port} is taken; cannot listen")
     runners = [await _serve_http(demo_app(), demo)]
+    health.enter("warming_up")
     await _warm_up(f"http://{demo_host}:{demo_port}/v1")
-    metrics_server = await _start_metrics(args.metrics_listen, runtime, wait_s=10 if previous else 0)
+    if metrics_server is None:
+        metrics_server = await _start_metrics(args.metrics_listen, metrics, health, wait_s=10 if previous else 0)
 
     plugin_server = PluginServer(PLUGIN_NAME, lambda config: LLMGatewayPlugin(config, runtime))
     runners.append(await _serve_http(Listener(runtime).make_runner(), listener_socket))
     rpc = await plugin_server.serve(rpc_socket.sock)
+    watching = asyncio.create_task(watch(health, lambda: fail_closed_redis(runtime)))
+    health.beat()
+    health.enter("serving")
     log.info("plugin server ready on %s (pid %d) after %.2f s", args.socket, os.getpid(),
              time.monotonic() - started)
 
@@ -213,6 +287,7 @@ async def serve(args: argparse.Namespace) -> None:
         if stepped_aside:
             return
         stepped_aside = True
+        health.enter("stepped_aside")
         log.info("a new plugin server takes over; finishing the requests under way")
         rpc.close()
         for runner in runners:
@@ -234,10 +309,13 @@ async def serve(args: argparse.Namespace) -> None:
 
     chores = asyncio.create_task(housekeeping())
     await stop.wait()
+    health.enter("stopping")
     chores.cancel()
+    watching.cancel()
     rpc.close()
     rpc_socket.unlink_if_ours()
     for runner in runners:
         await runner.cleanup()  # lets requests under way finish (aiohttp's shutdown timeout) before closing
     await runtime.close()  # flushes usage records still queued for Redis
+    await loop.run_in_executor(None, tracing.shutdown)  # exports the spans still buffered
     log.info("plugin server stopped")

@@ -463,6 +463,10 @@ class ConfigRegistry:
     def get(self, key: str) -> GatewayConfig | None:
         return self._configs.get(key)
 
+    def configs(self) -> list[GatewayConfig]:
+        """Every config still held (health checks read which shared stores the routes depend on)."""
+        return list(self._configs.values())
+
     def sweep(self) -> None:
         """Forget configs released longer than the grace period ago."""
         deadline = time.monotonic() - self._grace

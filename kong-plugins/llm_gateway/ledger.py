@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from llm_gateway import accounting
+from llm_gateway import accounting, tracing
 from llm_gateway.accounting import TokenUsage, UsageRecord
 from llm_gateway.budgets import BudgetExceeded, BudgetUnavailable, Headroom, Lease, Reservation
 from llm_gateway.chat_request import ChatRequest
@@ -256,6 +256,7 @@ class Ledger:
             self.runtime.metrics.observe(record, overhead_s=overhead)
         except Exception:
             log.exception("could not observe the metrics of request %s", self.request_id)
+        tracing.finish_request(record, self.chat.params, self.usage)  # nothing when tracing is off; never raises
         headers = _headroom_headers(self.headroom)
         if tokens is not None and not self.chat.stream:
             headers.update({"X-LLM-Prompt-Tokens": str(tokens.prompt),

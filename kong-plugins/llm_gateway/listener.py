@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from llm_gateway import content_encoding, providers, ticket
+from llm_gateway import content_encoding, logs, providers, ticket, tracing
 from llm_gateway.chat_request import ChatRequest, parse_chat_request
 from llm_gateway.complexity import score_request
 from llm_gateway.config import Alias, Deployment, GatewayConfig
@@ -167,6 +167,8 @@ class Listener:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         kong_id = request.headers.get("X-Kong-Request-Id", "")[:64]  # Kong's is 32 hex digits; a bypass may send any
         ex = _Exchange(headers={"X-Request-ID": kong_id or uuid.uuid4().hex})
+        logs.request_id.set(ex.request_id)  # every log line of this request's task carries it
+        tracing.start_request(request.headers, ex.request_id)  # nothing when tracing is off
         client_request_id = client_request_id_of(request)
         if client_request_id:  # Kong's id stays X-Request-ID; the client's own is echoed, not lost
             ex.headers["X-Client-Request-ID"] = client_request_id
@@ -247,6 +249,8 @@ class Listener:
         """The last word on every request (a ``finally``): its accounting, if nothing settled it yet."""
         with contextlib.suppress(Exception):  # _finish logs its own failures; this must not raise past aiohttp
             await self._finish(ex)
+        with contextlib.suppress(Exception):
+            tracing.end_request(ex.status, ex.error_code)
 
     async def _route(self, config: GatewayConfig, alias: Alias, chat: ChatRequest, ex: _Exchange,
                      call: Callable[[Deployment], Awaitable[T]]) -> Routed[T]:
@@ -257,9 +261,11 @@ class Listener:
         def on_attempt(serving: Alias, deployment: Deployment) -> None:
             ledger.attempt(deployment, providers.target_of(deployment))
             ledger.serving_alias = serving.name if serving.name != alias.name else None
+            tracing.attempt(serving.name, deployment)
 
         try:
-            routed = await self.runtime.router.route(config, alias, ex.request_id, call, on_attempt)
+            routed = await self.runtime.router.route(config, alias, ex.request_id, tracing.traced_call(call),
+                                                     on_attempt)
         except GatewayError as err:
             headers["X-LLM-Attempts"] = str(ledger.attempts)
             ex.told(err.status, err.code)

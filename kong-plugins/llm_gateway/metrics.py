@@ -22,11 +22,13 @@ import logging
 import math
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
+from prometheus_client import CollectorRegistry, Counter, Histogram, values
 
-from llm_gateway.accounting import UsageRecord
+if TYPE_CHECKING:  # accounting imports LiteLLM: this module is imported before it, to serve health early
+    from llm_gateway.accounting import UsageRecord
+    from llm_gateway.health import Health
 
 log = logging.getLogger("llm_gateway.metrics")
 
@@ -178,13 +180,37 @@ class Metrics:
         self.cooldowns.labels(label_value(alias), label_value(deployment)).inc()
 
 
-def start_metrics_server(host: str, port: int, metrics: Metrics) -> Any:
+def start_metrics_server(host: str, port: int, metrics: Metrics, health: Health | None = None) -> Any:
     """Serve ``metrics.registry`` (so, in multiprocess mode, the sum over every process) as Prometheus text on
-    ``http://host:port/metrics``, from prometheus_client's HTTP server in a daemon thread.
+    ``http://host:port/metrics``, and, given ``health``, liveness and readiness (``health.py``) beside it, from a
+    threaded WSGI server (prometheus_client's) in a daemon thread.
 
     A thread rather than a route on the asyncio loop: a scrape (rendering, and in multiprocess mode reading and
-    merging every process's files) never runs inside a request's turn of the event loop, and /metrics still
-    answers when the loop is stuck, which is when it matters. Binding happens here, so a taken port raises
-    OSError to the caller. Returns the WSGI server (``shutdown()`` stops it)."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    merging every process's files) never runs inside a request's turn of the event loop, /metrics still
+    answers when the loop is stuck, which is when it matters, and health answers while the loop is still busy
+    importing LiteLLM. Binding happens here, so a taken port raises OSError to the caller. Returns the WSGI
+    server (``shutdown()`` stops it)."""
+    import threading
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client import exposition
+
+    prometheus = exposition.make_wsgi_app(metrics.registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        answer = health.answer(environ.get("PATH_INFO", "")) if health is not None else None
+        if answer is None:
+            return prometheus(environ, start_response)
+        status, body = answer
+        start_response("200 OK" if status == 200 else f"{status} Service Unavailable",
+                       [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+                        ("Content-Length", str(len(body)))])
+        return [body]
+
+    class Server(exposition.ThreadingWSGIServer):
+        pass
+
+    Server.address_family, addr = exposition._get_best_family(host, port)
+    server = make_server(addr, port, app, Server, handler_class=exposition._SilentHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
     return server

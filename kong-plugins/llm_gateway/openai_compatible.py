@@ -48,10 +48,19 @@ class Usage:
             self.kept += len(piece)
             if len(self.text) >= 512:  # thousands of tiny strings cost more than their characters
                 self.text[:] = ["".join(self.text)]
+    finish_reasons: list[str] = field(default_factory=list)  # as the provider gave them (traces)
+
+    def take_finish_reasons(self, choices: Any) -> None:
+        """Only the finish reasons, for an answer whose usage was reported (its text is not needed)."""
+        for choice in choices or ():
+            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                self.finish_reasons.append(choice["finish_reason"])
 
     def take_text(self, choices: Any) -> None:
         for choice in choices or ():
             part = (choice.get("delta") or choice.get("message") or {}) if isinstance(choice, dict) else {}
+            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
+                self.finish_reasons.append(choice["finish_reason"])
             if not isinstance(part, dict):
                 continue
             if isinstance(part.get("content"), str):
@@ -141,6 +150,8 @@ async def complete(model: str, api_base: str | None, api_key: str | None, params
     usage.model, usage.usage = data.get("model"), data.get("usage")
     if not usage.usage:
         usage.take_text(data["choices"])
+    else:
+        usage.take_finish_reasons(data["choices"])
     return raw
 
 

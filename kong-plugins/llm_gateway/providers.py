@@ -130,6 +130,8 @@ async def complete(deployment: Deployment, params: dict[str, Any], usage: Usage)
     usage.model, usage.usage = result.get("model"), result.get("usage")
     if not usage.usage:
         usage.take_text(result.get("choices"))
+    else:
+        usage.take_finish_reasons(result.get("choices"))
     return json.dumps(result, separators=(",", ":")).encode()
 
 

@@ -45,9 +45,11 @@ DEPLOYMENT_FIELDS: list[dict[str, Any]] = [
         "type": "record", "required": False,
         "description": "Prices overriding LiteLLM's price map for this deployment, in USD per token.",
         "fields": [
-            {"input_cost_per_token": {"type": "number", "between": [0, 1]}},
-            {"output_cost_per_token": {"type": "number", "between": [0, 1]}},
-            {"cache_read_input_token_cost": {"type": "number", "between": [0, 1]}},
+            {"input_cost_per_token": {"type": "number", "between": [0, 1], "description": "USD per prompt token."}},
+            {"output_cost_per_token": {"type": "number", "between": [0, 1],
+                                       "description": "USD per completion token (reasoning tokens included)."}},
+            {"cache_read_input_token_cost": {"type": "number", "between": [0, 1],
+                                             "description": "USD per prompt token read from the provider's cache."}},
         ],
     }},
 ]
@@ -55,9 +57,11 @@ DEPLOYMENT_FIELDS: list[dict[str, Any]] = [
 ALIAS_NAMES = {"type": "array", "elements": {"type": "string"}}
 
 ALIAS_FIELDS: list[dict[str, Any]] = [
-    {"name": {"type": "string", "required": True, "match": "^[A-Za-z0-9][A-Za-z0-9._:/-]*$"}},
+    {"name": {"type": "string", "required": True, "match": "^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+              "description": "What clients send as 'model'; unique on the route."}},
     {"deployments": {
         "type": "array", "len_min": 1,
+        "description": "Where the alias's requests go: providers, models, keys, weights, caps.",
         "elements": {"type": "record", "fields": DEPLOYMENT_FIELDS},
     }},
     {"strategy": {
@@ -77,9 +81,10 @@ ALIAS_FIELDS: list[dict[str, Any]] = [
         "type": "record", "required": False,
         "description": "Makes this a routing alias: requests scoring at or above threshold go to strong.",
         "fields": [
-            {"strong": {"type": "string", "required": True}},
-            {"weak": {"type": "string", "required": True}},
-            {"threshold": {"type": "number", "default": 0.5, "between": [0, 1]}},
+            {"strong": {"type": "string", "required": True, "description": "Alias for hard prompts."}},
+            {"weak": {"type": "string", "required": True, "description": "Alias for the rest."}},
+            {"threshold": {"type": "number", "default": 0.5, "between": [0, 1],
+                           "description": "Complexity score (0-1) from which the strong alias serves."}},
         ],
     }},
 ]
@@ -89,17 +94,20 @@ ROUTING_FIELDS: list[dict[str, Any]] = [
                  "description": "Attempts after each deployment of an alias was tried once, before its "
                                 "fallbacks."}},
     {"backoff_initial": {"type": "number", "default": 0.25, "gt": 0, "description": "Seconds; doubles per retry."}},
-    {"backoff_max": {"type": "number", "default": 4, "gt": 0}},
+    {"backoff_max": {"type": "number", "default": 4, "gt": 0,
+                     "description": "Seconds; the longest backoff, and the longest Retry-After the gateway waits."}},
     {"deadline": {"type": "number", "default": 120, "gt": 0,
                   "description": "Seconds for the whole request: every attempt, backoff and fallback."}},
     {"latency_buffer": {"type": "number", "default": 0.1, "between": [0, 10],
                         "description": "Latency strategy: deployments this close (relative) to the fastest share."}},
     {"cooldown": {
         "type": "record", "required": False,
+        "description": "When a failing deployment is taken out of rotation (shared through redis when set).",
         "fields": [
-            {"allowed_fails": {"type": "integer", "default": 3, "gt": 0}},
-            {"window": {"type": "number", "default": 60, "gt": 0}},
-            {"duration": {"type": "number", "default": 30, "gt": 0}},
+            {"allowed_fails": {"type": "integer", "default": 3, "gt": 0,
+                               "description": "Transient failures within window that cool a deployment."}},
+            {"window": {"type": "number", "default": 60, "gt": 0, "description": "Seconds failures are counted over."}},
+            {"duration": {"type": "number", "default": 30, "gt": 0, "description": "Seconds a deployment cools."}},
             {"on_rate_limit": {"type": "boolean", "default": True,
                                "description": "A 429 cools the deployment at once, for its Retry-After."}},
             {"cool_last_healthy": {"type": "boolean", "default": False,
@@ -109,8 +117,10 @@ ROUTING_FIELDS: list[dict[str, Any]] = [
 ]
 
 BUDGET_FIELDS: list[dict[str, Any]] = [
-    {"name": {"type": "string", "required": True, "match": "^[A-Za-z0-9_-]+$"}},
-    {"window": {"type": "string", "required": True, "one_of": ["minute", "hour", "day", "month"]}},
+    {"name": {"type": "string", "required": True, "match": "^[A-Za-z0-9_-]+$",
+              "description": "Names the budget in 429 messages and llm_gateway_budget_rejections_total."}},
+    {"window": {"type": "string", "required": True, "one_of": ["minute", "hour", "day", "month"],
+                "description": "Fixed UTC window the limits apply to."}},
     {"tokens": {"type": "integer", "gt": 0, "description": "Tokens (prompt + completion) per consumer per window."}},
     {"usd": {"type": "number", "gt": 0, "description": "US dollars of provider cost per consumer per window."}},
     {"consumers": {
@@ -137,8 +147,10 @@ CONFIG_FIELDS: list[dict[str, Any]] = [
         "type": "array", "default": [],
         "description": "Consumers named here may use only the aliases their entries list; others use all.",
         "elements": {"type": "record", "fields": [
-            {"consumers": {"type": "array", "required": True, "len_min": 1, "elements": {"type": "string"}}},
-            {"models": {"type": "array", "required": True, "elements": {"type": "string"}}},
+            {"consumers": {"type": "array", "required": True, "len_min": 1, "elements": {"type": "string"},
+                           "description": "Consumer usernames (or ids)."}},
+            {"models": {"type": "array", "required": True, "elements": {"type": "string"},
+                        "description": "The aliases they may use (403 model_not_allowed for others)."}},
         ]},
     }},
     {"max_body_bytes": {
@@ -186,12 +198,14 @@ CONFIG_FIELDS: list[dict[str, Any]] = [
                 "type": "string", "required": True, "referenceable": True,
                 "description": "redis://[:password@]host:port/db (or rediss://); a vault reference for secrets.",
             }},
-            {"key_prefix": {"type": "string", "default": "llmgw:"}},
+            {"key_prefix": {"type": "string", "default": "llmgw:",
+                            "description": "Prefix of every key the gateway writes (budgets, cooldowns)."}},
             {"usage_stream": {
                 "type": "string", "default": "llmgw:usage",
                 "description": "Redis Stream every usage record is appended to, for billing pipelines.",
             }},
-            {"timeout": {"type": "number", "default": 0.5, "gt": 0}},
+            {"timeout": {"type": "number", "default": 0.5, "gt": 0,
+                         "description": "Seconds for one Redis call; a budget check past it is 503 (fail closed)."}},
         ],
     }},
 ]

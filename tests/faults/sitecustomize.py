@@ -5,11 +5,15 @@ messages carry a marker makes one piece of the gateway raise, as a bug there wou
 * ``FAULT:estimate`` in a message: the token estimator raises (so the ledger's ``finish`` does, at the end of a
   stream the provider cut without reporting usage: issue 10, item 3).
 * ``FAULT:parse`` in the body: request parsing raises before any accounting exists (an unexpected 500).
+* ``FAULT:block-loop-<seconds>`` in the body: request parsing blocks the event loop that long, as a CPU-bound
+  bug would (liveness must say so: tests/test_health.py).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import time
 
 if os.environ.get("LLM_GATEWAY_TEST_FAULTS"):
     from llm_gateway import accounting, listener
@@ -25,6 +29,8 @@ if os.environ.get("LLM_GATEWAY_TEST_FAULTS"):
     def parse_chat_request(body):  # type: ignore[no-untyped-def]
         if b"FAULT:parse" in body:
             raise RuntimeError("injected parse failure")
+        if blocked := re.search(rb"FAULT:block-loop-([0-9.]+)", body):
+            time.sleep(float(blocked.group(1)))
         return _parse_chat_request(body)
 
     accounting.estimate_usage = estimate_usage
