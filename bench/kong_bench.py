@@ -546,11 +546,12 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None) -
         loadgen = LoadGen()
         try:
             for workers in settings.workers:
+                starting = time.monotonic()
                 with kong_for(binary, workers, mock, proxy) as kong:
                     group = Processes(kong, mock, proxy)
                     paths = routes(kong.url, mock, proxy is not None)
-                    print(f"real Kong, {workers} worker(s): serving after {time.monotonic() - started:.0f} s",
-                          file=sys.stderr)
+                    print(f"real Kong, {workers} worker(s): serving {time.monotonic() - starting:.1f} s after "
+                          "`kong start`", file=sys.stderr)
                     noise = OtherLoad(lambda g=group: [p for ps in g.groups().values() for p in ps]
                                       + [loadgen.proc.pid, os.getpid()])
                     driver = Driver(group, loadgen)
