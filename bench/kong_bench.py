@@ -418,8 +418,9 @@ def stream_table(workers: int, paths: list[Route], run: dict[str, Any], settings
              "chunks 20 ms apart from the mock; TTFT from the request's start to the first content chunk. CPU ms "
              "per chunk received (SSE data lines), from /proc over the measured windows.", "",
              "| path | streams/s | TTFT p50 / p99 ms | stream total p50 / p99 ms | nginx CPU ms/chunk "
-             "| plugin server CPU ms/chunk | LiteLLM Proxy CPU ms/chunk | gateway CPU ms/chunk | errors |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| plugin server CPU ms/chunk | LiteLLM Proxy CPU ms/chunk | gateway CPU ms/chunk | mock CPU ms/chunk "
+             "| errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for route in paths:
         cell = cells.get((route.name, "streams"), Cell())
         lines.append(" | ".join([
@@ -427,9 +428,9 @@ def stream_table(workers: int, paths: list[Route], run: dict[str, Any], settings
             _pair(pct(cell.total, 0.5), pct(cell.total, 0.99), 0), fmt(cell.per_chunk("nginx"), 3),
             fmt(cell.per_chunk("plugin server"), 3) if route.name == OURS else "–",
             fmt(cell.per_chunk("LiteLLM Proxy"), 3) if route.name == PROXY else "–",
-            fmt(cell.per_chunk(*GATEWAY), 3), _errors(cell) + " |"]))
+            fmt(cell.per_chunk(*GATEWAY), 3), fmt(cell.per_chunk("mock"), 3), _errors(cell) + " |"]))
         if route.name == OURS:
-            lines.append(f"| {OURS}, N plugin-server processes | not implemented yet |" + " |" * 7)
+            lines.append(f"| {OURS}, N plugin-server processes | not implemented yet |" + " |" * 8)
     return lines
 
 
@@ -485,6 +486,13 @@ def targets_table(runs: dict[int, dict[str, Any]], settings: Settings) -> list[s
                      f"424 vs 152 ms | {workers} | {fmt(t_ours, 0)} vs {fmt(t_ai, 0)} ms "
                      f"({fmt(t_ours / t_ai if t_ai else math.nan, 2)}×) | "
                      f"{_status(t_ours - t_ai, 0.0)} |")
+        p_sat, p_streams = get(PROXY, "sat-json"), get(PROXY, "streams")
+        if p_sat.requests:
+            lines.append(f"| (no target) ours against Kong → LiteLLM Proxy | – | {workers} | req/s "
+                         f"{fmt(ours.rps / p_sat.rps, 1)}× ({fmt(ours.rps, 0)} vs {fmt(p_sat.rps, 0)}); gateway CPU "
+                         f"per request {fmt(ours.per_request(*GATEWAY) / p_sat.per_request(*GATEWAY), 2)}×; per "
+                         f"chunk {fmt(s_ours.per_chunk(*GATEWAY) / p_streams.per_chunk(*GATEWAY), 2)}×; TTFT p99 "
+                         f"{fmt(t_ours, 0)} vs {fmt(pct(p_streams.ttft, 0.99), 0)} ms | – |")
     if 1 in runs and 2 in runs:
         one, two = runs[1]["cells"].get((OURS, "sat-json"), Cell()), runs[2]["cells"].get((OURS, "sat-json"), Cell())
         shown = (f"not implemented yet (one plugin-server process); with 1 process, 2 workers / 1 worker: "
