@@ -187,8 +187,8 @@ class OtherLoad:
     the load generators it started and waited for (wrk), and itself are subtracted from the machine's busy
     time."""
 
-    def __init__(self, pids: Callable[[], list[int]]) -> None:
-        self.pids, self.speed = pids, stack.calibration_ms()
+    def __init__(self, pids: Callable[[], list[int]], calibrate: bool = True) -> None:
+        self.pids, self.speed = pids, stack.calibration_ms() if calibrate else math.nan
         self.start = self._now()
 
     def _now(self) -> tuple[float, float, dict[int, float], float]:
@@ -200,7 +200,9 @@ class OtherLoad:
         (t0, busy0, ours0, kids0), (t1, busy1, ours1, kids1) = self.start, self._now()
         ours = sum(v - ours0.get(p, 0.0) for p, v in ours1.items()) + (kids1 - kids0)
         other = max(0.0, (busy1 - busy0) - ours)
-        share = 100 * other / (t1 - t0)
+        share = 100 * other / (t1 - t0) if t1 > t0 else math.nan
+        if math.isnan(self.speed):
+            return share, ""
         return share, (f"other processes used {other:.1f} CPU-s during the {t1 - t0:.0f} s of measurement "
                        f"({share:.0f}% of one core; the benchmark's own processes {ours:.1f} CPU-s); a fixed "
                        f"Python loop took {self.speed:.0f} ms before and {stack.calibration_ms():.0f} ms after")
@@ -223,6 +225,7 @@ class Cell:
     ttft: list[float] = field(default_factory=list)
     total: list[float] = field(default_factory=list)
     chunks: int = 0
+    others: list[float] = field(default_factory=list)  # other processes' CPU per round, % of one core
 
     def add(self, requests: int, errors: int, window: float, cpu: dict[str, float], error: str | None) -> None:
         self.requests += requests
@@ -274,6 +277,15 @@ class Driver:
         self.wrk = "/usr/bin/wrk" if os.access("/usr/bin/wrk", os.X_OK) else None
         self.scripts = Path(tempfile.mkdtemp(prefix="bench-wrk-"))
 
+    @contextlib.contextmanager
+    def others(self, groups: dict[str, list[int]], cell: Cell | None) -> Iterator[None]:
+        """Around one cell: how much of a core the machine spent outside this benchmark meanwhile."""
+        ours = [p for members in groups.values() for p in members] + [self.loadgen.proc.pid, os.getpid()]
+        noise = OtherLoad(lambda: ours, calibrate=False)
+        yield
+        if cell is not None:
+            cell.others.append(noise.report()[0])
+
     def _body(self, route: Route, kind: str) -> dict[str, Any]:
         return {"model": route.models[kind], "messages": MESSAGES}
 
@@ -287,10 +299,12 @@ class Driver:
         script.write_text(WRK_SCRIPT.format(body=_lua_string(json.dumps(self._body(route, "json"))),
                                             headers=headers))
         groups = self.processes.groups()
-        before = group_cpu(groups, _cpu_or_zero)
-        run = subprocess.run([self.wrk, "-t1", "-c16", f"-d{max(1, math.ceil(seconds))}s", "--timeout", "30s",
-                              "-s", str(script), route.url], capture_output=True, text=True, timeout=seconds + 60)
-        after = group_cpu(groups, _cpu_or_zero)
+        with self.others(groups, cell):
+            before = group_cpu(groups, _cpu_or_zero)
+            run = subprocess.run([self.wrk, "-t1", "-c16", f"-d{max(1, math.ceil(seconds))}s", "--timeout",
+                                  "30s", "-s", str(script), route.url], capture_output=True, text=True,
+                                 timeout=seconds + 60)
+            after = group_cpu(groups, _cpu_or_zero)
         lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
         if run.returncode != 0 or not lines:
             raise RuntimeError(f"wrk failed ({run.returncode}): {run.stderr[-500:]} {run.stdout[-500:]}")
@@ -309,9 +323,10 @@ class Driver:
         groups = self.processes.groups()
         pids = [pid for members in groups.values() for pid in members]
         url = stream_url(route) if task["stream"] else route.url
-        result = self.loadgen.run({"url": url, "headers": route.headers, "rate": 0.0, "min_requests": 0,
-                                   "body": self._body(route, "stream" if task["stream"] else "json"),
-                                   "cpu_pids": pids, **task})
+        with self.others(groups, cell):
+            result = self.loadgen.run({"url": url, "headers": route.headers, "rate": 0.0, "min_requests": 0,
+                                       "body": self._body(route, "stream" if task["stream"] else "json"),
+                                       "cpu_pids": pids, **task})
         if cell is None:
             return
         cpu = {name: sum(result["cpu"].get(str(pid), 0.0) for pid in members) for name, members in groups.items()}
@@ -332,7 +347,8 @@ class Driver:
 
 def progress(workers: int, kind: str, route: Route, cell: Cell) -> None:
     last = cell.rps_rounds[-1] if cell.rps_rounds else math.nan
-    print(f"  kong w{workers} {kind:11} {route.name:22} {last:8.1f} /s"
+    other = cell.others[-1] if cell.others else math.nan
+    print(f"  kong w{workers} {kind:11} {route.name:22} {last:8.1f} /s  (others {other:3.0f}% of a core)"
           + (f"  errors: {cell.errors} ({cell.first_error})" if cell.errors else ""), file=sys.stderr)
 
 
@@ -371,6 +387,10 @@ def _pair(a: float, b: float, digits: int = 1) -> str:
     return f"{fmt(a, digits)} / {fmt(b, digits)}"
 
 
+def _max(values: list[float]) -> str:
+    return fmt(max(values), 0) if values else "–"
+
+
 def _errors(*cells: Cell) -> str:
     count = sum(c.errors for c in cells)
     first = next((c.first_error for c in cells if c.first_error), None)
@@ -389,8 +409,9 @@ def json_table(workers: int, paths: list[Route], run: dict[str, Any], with_wrk: 
              "LiteLLM Proxy (not the mock).", "",
              "| path | req/s saturated | p50 / p99 ms saturated | nginx CPU ms/req | plugin server CPU ms/req "
              "| LiteLLM Proxy CPU ms/req | gateway CPU ms/req | req per gateway CPU-s | at rate: req/s | at rate: "
-             "p50 / p99 ms | p99 over floor ms | mock CPU ms/req | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "p50 / p99 ms | p99 over floor ms | mock CPU ms/req | others' CPU % of a core, max of rounds (sat / rate) "
+             "| errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for route in paths:
         sat = cells.get((route.name, "sat-json"), Cell())
         rate = cells.get((route.name, "rate-json"), Cell())
@@ -404,10 +425,11 @@ def json_table(workers: int, paths: list[Route], run: dict[str, Any], with_wrk: 
             fmt(sat.per_request("LiteLLM Proxy"), 3) if route.name == PROXY else "–", fmt(total, 3),
             fmt(1000 / total if total else math.nan, 0), fmt(rates.get(route.name, math.nan), 0),
             _pair(pct(rate.latency, 0.5), pct(rate.latency, 0.99)), fmt(over, 1),
-            fmt(sat.per_request("mock"), 3), _errors(sat, rate) + " |"]))
+            fmt(sat.per_request("mock"), 3), f"{_max(sat.others)} / {_max(rate.others)}",
+            _errors(sat, rate) + " |"]))
         if route.name == OURS:
             lines.append(f"| {OURS}, N plugin-server processes | not implemented yet: the plugin server runs "
-                         "one process today |" + " |" * 11)
+                         "one process today |" + " |" * 12)
     return lines
 
 
@@ -419,8 +441,8 @@ def stream_table(workers: int, paths: list[Route], run: dict[str, Any], settings
              "per chunk received (SSE data lines), from /proc over the measured windows.", "",
              "| path | streams/s | TTFT p50 / p99 ms | stream total p50 / p99 ms | nginx CPU ms/chunk "
              "| plugin server CPU ms/chunk | LiteLLM Proxy CPU ms/chunk | gateway CPU ms/chunk | mock CPU ms/chunk "
-             "| errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| others' CPU % of a core, max of rounds | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for route in paths:
         cell = cells.get((route.name, "streams"), Cell())
         lines.append(" | ".join([
@@ -428,9 +450,10 @@ def stream_table(workers: int, paths: list[Route], run: dict[str, Any], settings
             _pair(pct(cell.total, 0.5), pct(cell.total, 0.99), 0), fmt(cell.per_chunk("nginx"), 3),
             fmt(cell.per_chunk("plugin server"), 3) if route.name == OURS else "–",
             fmt(cell.per_chunk("LiteLLM Proxy"), 3) if route.name == PROXY else "–",
-            fmt(cell.per_chunk(*GATEWAY), 3), fmt(cell.per_chunk("mock"), 3), _errors(cell) + " |"]))
+            fmt(cell.per_chunk(*GATEWAY), 3), fmt(cell.per_chunk("mock"), 3), _max(cell.others),
+            _errors(cell) + " |"]))
         if route.name == OURS:
-            lines.append(f"| {OURS}, N plugin-server processes | not implemented yet |" + " |" * 8)
+            lines.append(f"| {OURS}, N plugin-server processes | not implemented yet |" + " |" * 9)
     return lines
 
 
