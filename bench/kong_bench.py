@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,8 +52,11 @@ JSON_MODEL, STREAM_MODEL = "mock-words-50", "mock-drip-20-words-50"
 ALIASES = {"bench-json": JSON_MODEL, "bench-stream": STREAM_MODEL}
 RATE_LIMIT_PER_MINUTE = 10_000_000  # rate-limiting runs on every route, with a limit no run reaches
 GROUPS = ("nginx", "plugin server", "LiteLLM Proxy", "mock")
-GATEWAY = ("nginx", "plugin server", "LiteLLM Proxy")  # what a path costs beyond the provider
 MOCK, AI_PROXY, OURS, PROXY = "Kong → mock", "Kong + ai-proxy", "Kong + ours", "Kong → LiteLLM Proxy"
+# what a path costs beyond the provider: the processes it goes through (the others idle meanwhile, and their
+# idle CPU is no more this path's than another process's)
+GATEWAY = {MOCK: ("nginx",), AI_PROXY: ("nginx",), OURS: ("nginx", "plugin server"),
+           PROXY: ("nginx", "LiteLLM Proxy")}
 
 
 @dataclass
@@ -78,6 +83,10 @@ class Route:
     url: str
     headers: dict[str, str]
     models: dict[str, str]  # "json" / "stream" → the body's model
+    stream_url: str = ""  # when streams take another route (ai-proxy's model is fixed per route)
+
+    def url_for(self, stream: bool) -> str:
+        return self.stream_url if stream and self.stream_url else self.url
 
 
 # -- Kong's declarative config -----------------------------------------------------------------------------
@@ -125,17 +134,14 @@ def routes(kong_url: str, mock: stack.MockProcess, with_proxy: bool) -> list[Rou
     found = [Route(MOCK, f"{kong_url}/mock/v1/chat/completions",
                    {**key, "Authorization": f"Bearer {stack.PROVIDER_KEY}"},
                    {"json": JSON_MODEL, "stream": STREAM_MODEL}),
-             Route(AI_PROXY, f"{kong_url}/ai-json", key, {"json": JSON_MODEL, "stream": STREAM_MODEL}),
+             Route(AI_PROXY, f"{kong_url}/ai-json", key, {"json": JSON_MODEL, "stream": STREAM_MODEL},
+                   f"{kong_url}/ai-stream"),
              Route(OURS, f"{kong_url}/v1/chat/completions", key, {"json": "bench-json", "stream": "bench-stream"})]
     if with_proxy:
         found.append(Route(PROXY, f"{kong_url}/litellm/v1/chat/completions",
                            {**key, "Authorization": f"Bearer {stack.PROXY_MASTER_KEY}"},
                            {"json": "bench-json", "stream": "bench-stream"}))
     return found
-
-
-def stream_url(route: Route) -> str:
-    return route.url.replace("/ai-json", "/ai-stream")
 
 
 class BenchKong(LocalKong):
@@ -274,7 +280,7 @@ class Driver:
 
     def __init__(self, processes: Processes, loadgen: LoadGen) -> None:
         self.processes, self.loadgen = processes, loadgen
-        self.wrk = "/usr/bin/wrk" if os.access("/usr/bin/wrk", os.X_OK) else None
+        self.wrk = shutil.which("wrk")
         self.scripts = Path(tempfile.mkdtemp(prefix="bench-wrk-"))
 
     @contextlib.contextmanager
@@ -322,7 +328,7 @@ class Driver:
     def _loadgen(self, route: Route, cell: Cell | None, **task: Any) -> None:
         groups = self.processes.groups()
         pids = [pid for members in groups.values() for pid in members]
-        url = stream_url(route) if task["stream"] else route.url
+        url = route.url_for(task["stream"])
         with self.others(groups, cell):
             result = self.loadgen.run({"url": url, "headers": route.headers, "rate": 0.0, "min_requests": 0,
                                        "body": self._body(route, "stream" if task["stream"] else "json"),
@@ -405,8 +411,8 @@ def json_table(workers: int, paths: list[Route], run: dict[str, Any], with_wrk: 
              f"Saturation: {tool} (closed loop; latency is the closed loop's). At rate: bench/loadgen.py open "
              "loop at half of ours' saturated throughput (Kong → LiteLLM Proxy: half of its own), timed from "
              "each request's scheduled instant; `over floor` is the p99 minus Kong → mock's at the same rate. "
-             "CPU ms per request from /proc over the saturated windows; gateway = nginx + plugin server + "
-             "LiteLLM Proxy (not the mock).", "",
+             "CPU ms per request from /proc over the saturated windows; gateway = the processes the path goes "
+             "through: nginx, plus the plugin server (ours) or LiteLLM Proxy (not the mock).", "",
              "| path | req/s saturated | p50 / p99 ms saturated | nginx CPU ms/req | plugin server CPU ms/req "
              "| LiteLLM Proxy CPU ms/req | gateway CPU ms/req | req per gateway CPU-s | at rate: req/s | at rate: "
              "p50 / p99 ms | p99 over floor ms | mock CPU ms/req | others' CPU % of a core, max of rounds (sat / rate) "
@@ -415,7 +421,7 @@ def json_table(workers: int, paths: list[Route], run: dict[str, Any], with_wrk: 
     for route in paths:
         sat = cells.get((route.name, "sat-json"), Cell())
         rate = cells.get((route.name, "rate-json"), Cell())
-        total = sat.per_request(*GATEWAY)
+        total = sat.per_request(*GATEWAY[route.name])
         over = (pct(rate.latency, 0.99) - pct(floor, 0.99)) if route.name not in (MOCK, PROXY) else math.nan
         latency = (_pair(sat.median(sat.wrk_p50), sat.median(sat.wrk_p99)) if sat.wrk_p50
                    else _pair(pct(sat.latency, 0.5), pct(sat.latency, 0.99)))
@@ -450,7 +456,7 @@ def stream_table(workers: int, paths: list[Route], run: dict[str, Any], settings
             _pair(pct(cell.total, 0.5), pct(cell.total, 0.99), 0), fmt(cell.per_chunk("nginx"), 3),
             fmt(cell.per_chunk("plugin server"), 3) if route.name == OURS else "–",
             fmt(cell.per_chunk("LiteLLM Proxy"), 3) if route.name == PROXY else "–",
-            fmt(cell.per_chunk(*GATEWAY), 3), fmt(cell.per_chunk("mock"), 3), _max(cell.others),
+            fmt(cell.per_chunk(*GATEWAY[route.name]), 3), fmt(cell.per_chunk("mock"), 3), _max(cell.others),
             _errors(cell) + " |"]))
         if route.name == OURS:
             lines.append(f"| {OURS}, N plugin-server processes | not implemented yet |" + " |" * 9)
@@ -460,6 +466,7 @@ def stream_table(workers: int, paths: list[Route], run: dict[str, Any], settings
 def _status(value: float, limit: float, higher_is_better: bool = False) -> str:
     if math.isnan(value):
         return "not measured"
+    value = round(value, 2)  # as displayed
     ok = value >= limit if higher_is_better else value <= limit
     return "met" if ok else "missed"
 
@@ -475,7 +482,7 @@ def targets_table(runs: dict[int, dict[str, Any]], settings: Settings) -> list[s
             return _cells.get((name, kind), Cell())
 
         ours, ai = get(OURS, "sat-json"), get(AI_PROXY, "sat-json")
-        per_core = {n: c.requests / sum(c.cpu.get(g, 0.0) for g in GATEWAY) if c.requests else math.nan
+        per_core = {n: c.requests / sum(c.cpu.get(g, 0.0) for g in GATEWAY[n]) if c.requests else math.nan
                     for n, c in ((OURS, ours), (AI_PROXY, ai))}
         # issue 13's "before" (0.28×) is 1,178 / 4,273 req/s with 1 nginx worker: throughput per nginx core
         raw = ours.rps / ai.rps if ai.rps else math.nan
@@ -485,7 +492,7 @@ def targets_table(runs: dict[int, dict[str, Any]], settings: Settings) -> list[s
                      f"nginx + plugin server {fmt(ratio, 2)}× ({fmt(per_core[OURS], 0)} vs "
                      f"{fmt(per_core[AI_PROXY], 0)}) | {_status(raw, 0.5, True)} per nginx worker; "
                      f"{_status(ratio, 0.5, True)} per CPU-second |")
-        cpu_ratio = ours.per_request(*GATEWAY) / ai.per_request(*GATEWAY)
+        cpu_ratio = ours.per_request(*GATEWAY[OURS]) / ai.per_request(*GATEWAY[AI_PROXY])
         lines.append(f"| total CPU per request (nginx + plugin server) ≤ 2× ai-proxy's | 5.5× | {workers} | "
                      f"{fmt(cpu_ratio, 2)}× ({fmt(ours.per_request('nginx'), 3)} + "
                      f"{fmt(ours.per_request('plugin server'), 3)} ms vs {fmt(ai.per_request('nginx'), 3)} ms) "
@@ -500,9 +507,10 @@ def targets_table(runs: dict[int, dict[str, Any]], settings: Settings) -> list[s
             lines.append(f"| p99 at half of saturation ≤ 10 ms over the floor | – | {workers} | not in --smoke "
                          "| not measured |")
         s_ours, s_ai = get(OURS, "streams"), get(AI_PROXY, "streams")
-        chunk_ratio = s_ours.per_chunk(*GATEWAY) / s_ai.per_chunk(*GATEWAY)
+        chunk_ratio = s_ours.per_chunk(*GATEWAY[OURS]) / s_ai.per_chunk(*GATEWAY[AI_PROXY])
         lines.append(f"| streams: CPU per chunk ≤ 1.5× ai-proxy's | 2.5× | {workers} | {fmt(chunk_ratio, 2)}× "
-                     f"({fmt(s_ours.per_chunk(*GATEWAY), 3)} vs {fmt(s_ai.per_chunk(*GATEWAY), 3)} ms) "
+                     f"({fmt(s_ours.per_chunk(*GATEWAY[OURS]), 3)} vs {fmt(s_ai.per_chunk(*GATEWAY[AI_PROXY]), 3)} "
+                     "ms) "
                      f"| {_status(chunk_ratio, 1.5)} |")
         t_ours, t_ai = pct(s_ours.ttft, 0.99), pct(s_ai.ttft, 0.99)
         lines.append(f"| streams: TTFT p99 at {settings.stream_concurrency} concurrent streams ≤ ai-proxy's | "
@@ -511,10 +519,11 @@ def targets_table(runs: dict[int, dict[str, Any]], settings: Settings) -> list[s
                      f"{_status(t_ours - t_ai, 0.0)} |")
         p_sat, p_streams = get(PROXY, "sat-json"), get(PROXY, "streams")
         if p_sat.requests:
+            cpu_vs_proxy = ours.per_request(*GATEWAY[OURS]) / p_sat.per_request(*GATEWAY[PROXY])
+            chunk_vs_proxy = s_ours.per_chunk(*GATEWAY[OURS]) / p_streams.per_chunk(*GATEWAY[PROXY])
             lines.append(f"| (no target) ours against Kong → LiteLLM Proxy | – | {workers} | req/s "
                          f"{fmt(ours.rps / p_sat.rps, 1)}× ({fmt(ours.rps, 0)} vs {fmt(p_sat.rps, 0)}); gateway CPU "
-                         f"per request {fmt(ours.per_request(*GATEWAY) / p_sat.per_request(*GATEWAY), 2)}×; per "
-                         f"chunk {fmt(s_ours.per_chunk(*GATEWAY) / p_streams.per_chunk(*GATEWAY), 2)}×; TTFT p99 "
+                         f"per request {fmt(cpu_vs_proxy, 2)}×; per chunk {fmt(chunk_vs_proxy, 2)}×; TTFT p99 "
                          f"{fmt(t_ours, 0)} vs {fmt(pct(p_streams.ttft, 0.99), 0)} ms | – |")
     if 1 in runs and 2 in runs:
         one, two = runs[1]["cells"].get((OURS, "sat-json"), Cell()), runs[2]["cells"].get((OURS, "sat-json"), Cell())
@@ -571,7 +580,11 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None) -
         proxy = None
         if settings.with_proxy and stack.litellm_proxy_installed():
             proxy = processes.enter_context(stack.litellm_proxy(ALIASES, mock))
-            proxy.wait_ready()
+            try:
+                proxy.wait_ready()
+            except stack.ProxyMissing as exc:
+                notes.append(f"LiteLLM Proxy did not start: {str(exc).splitlines()[-1]}; its row is missing")
+                proxy = None
         elif settings.with_proxy:
             notes.append("LiteLLM Proxy is not installed (the `bench` extra): its row is missing")
         loadgen = LoadGen()
@@ -608,8 +621,6 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None) -
 
 
 def header(binary: str, smoke: bool, settings: Settings) -> list[str]:
-    import datetime
-
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return [f"# bench/run --kong{' --smoke' if smoke else ''}: {now}", "",
             f"* machine: {machine()}", f"* versions: {versions()}",
