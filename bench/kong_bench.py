@@ -51,7 +51,6 @@ from real_kong import LocalKong, Ports, declarative_config, local_binary, wait_u
 JSON_MODEL, STREAM_MODEL = "mock-words-50", "mock-drip-20-words-50"
 ALIASES = {"bench-json": JSON_MODEL, "bench-stream": STREAM_MODEL}
 RATE_LIMIT_PER_MINUTE = 10_000_000  # rate-limiting runs on every route, with a limit no run reaches
-GROUPS = ("nginx", "plugin server", "LiteLLM Proxy", "mock")
 MOCK, AI_PROXY, OURS, PROXY = "Kong → mock", "Kong + ai-proxy", "Kong + ours", "Kong → LiteLLM Proxy"
 # what a path costs beyond the provider: the processes it goes through (the others idle meanwhile, and their
 # idle CPU is no more this path's than another process's)
