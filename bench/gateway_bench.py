@@ -12,7 +12,11 @@ Cells are measured interleaved (A B C A B C …, several rounds) so that a drift
 system alike. Saturation first (closed loop), then the fixed rates derived from it (open loop). See
 docs/performance.md for what each figure means and the last full run's numbers.
 
-    bench/run [--smoke] [--rounds N] [--duration S]
+When a Kong binary is found (KONG_BIN, or `kong` on PATH), bench/kong_bench.py then measures the same plugin
+inside that real Kong, side by side with Kong alone, Kong's ai-proxy and Kong → LiteLLM Proxy (its own table);
+`--kong` runs only that part, `--no-kong` skips it.
+
+    bench/run [--smoke] [--rounds N] [--duration S] [--kong | --no-kong]
     bench/run --soak [--minutes N] [--soak-rate R]
 """
 
@@ -25,7 +29,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -113,15 +116,17 @@ class OtherLoad:
 
 
 def kong_note() -> str:
-    """Why `ours` goes through the harness rather than real Kong, in this run."""
-    kong = shutil.which("kong")
+    """Why `ours` goes through the harness here, and where the real-Kong comparison is."""
+    import kong_bench
+
+    kong, why = kong_bench.available()
     if kong is None:
-        return ("real Kong: skipped, no `kong` binary on PATH; `ours` is the plugin path through the Kong-side "
-                "harness (tests/kong_harness.py), a Python stand-in for Kong's nginx whose own proxying is "
-                "counted, so its latency is an upper bound of what the plugin adds inside a real Kong")
-    return (f"real Kong: a `kong` binary is on PATH ({kong}) but bench/run does not drive it yet (the branch "
-            "could not be verified where bench/run was written, which has no Kong); `ours` is measured through "
-            "the Kong-side harness (tests/kong_harness.py) instead")
+        return (f"real Kong: skipped ({why}); `ours` is the plugin path through the Kong-side harness "
+                "(tests/kong_harness.py), a Python stand-in for Kong's nginx whose own proxying is counted, so "
+                "its latency is an upper bound of what the plugin adds inside a real Kong")
+    return (f"real Kong: {kong} is driven by bench/kong_bench.py after this comparison (its own table, "
+            "bench/results/kong-*.md); here `ours` is the plugin path through the Kong-side harness "
+            "(tests/kong_harness.py)")
 
 
 def versions() -> str:
@@ -349,13 +354,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few seconds per profile: CI's check that it runs")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; --smoke 1)")
     parser.add_argument("--duration", type=float, help="seconds measured per cell (default 5; --smoke 0.6)")
+    parser.add_argument("--kong", action="store_true", help="only the real-Kong comparison (bench/kong_bench.py)")
+    parser.add_argument("--no-kong", action="store_true", help="skip the real-Kong comparison even if Kong is found")
     parser.add_argument("--soak", action="store_true", help="steady load against ours, RSS sampled")
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the soak (default 10)")
     parser.add_argument("--soak-rate", type=float, default=100.0, help="requests/s during the soak (default 100)")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so that every server started (LiteLLM Proxy included) is stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    return soak(args) if args.soak else bench(args)
+    if args.soak:
+        return soak(args)
+    import kong_bench  # when a Kong is found (KONG_BIN or PATH), the same paths inside it, side by side
+
+    status = 0 if args.kong else bench(args)
+    if not args.no_kong:
+        status |= kong_bench.run(args.smoke, args.rounds, args.duration)
+    return status
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ hand-off to the listener must not be a way around Kong.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -181,6 +183,32 @@ def test_concurrent_slow_requests_do_not_serialise(kong: KongHarness) -> None:
         elapsed = time.monotonic() - started
     assert statuses == [200] * 8
     assert elapsed < 1.6, f"8 concurrent 300 ms requests took {elapsed:.2f} s: they were serialised"
+
+
+def test_kong_connections_queue_in_the_backlog_while_the_server_is_busy(plugin_server: PluginServerProcess,
+                                                                        rpc: KongRPC) -> None:
+    """Each nginx worker opens up to 256 RPC connections; while the server's loop is busy, new ones wait in the
+    socket's backlog. A full backlog makes Kong's connect fail (EAGAIN), Kong fails open, and the client gets
+    the listener's 503: the backlog must hold every worker's pool, not asyncio's default of 100 (bench/run's
+    real-Kong cells saw thousands of such 503s at half of saturation)."""
+    refused, opened = 0, []
+    os.kill(plugin_server.pid, signal.SIGSTOP)  # a server that accepts nothing meanwhile: the backlog fills
+    try:
+        for _ in range(600):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            opened.append(sock)
+            try:
+                sock.connect(plugin_server.socket_path)
+            except OSError as exc:
+                assert exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK), exc
+                refused += 1
+    finally:
+        os.kill(plugin_server.pid, signal.SIGCONT)
+        for sock in opened:
+            sock.close()
+    assert refused == 0, f"{refused} of 600 connections refused: the RPC socket's backlog is too small"
+    assert rpc.call("plugin.GetStatus") is not None  # and the server serves on
 
 
 def test_no_event_state_is_left_after_1000_requests(rpc: KongRPC, instance: int) -> None:

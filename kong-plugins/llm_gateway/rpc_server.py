@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import msgpack
 
+from llm_gateway import handover
 from llm_gateway.errors import internal_error
 
 log = logging.getLogger("llm_gateway.rpc")
@@ -263,5 +264,8 @@ class PluginServer:
             return msgpack.packb([1, msgid, f"{method} failed: {type(exc).__name__}", None])
 
     async def serve(self, sock: socket.socket) -> asyncio.AbstractServer:
-        """Accept Kong's connections on an already bound and listening Unix socket (see cli._bind_unix)."""
-        return await asyncio.start_unix_server(self.handle_connection, sock=sock)
+        """Accept Kong's connections on an already bound and listening Unix socket (see cli._bind_unix).
+
+        asyncio listens again on a socket it is given, with its own backlog (100 by default): handover's is
+        passed on, so that every nginx worker's pool of connections can wait while the loop is busy."""
+        return await asyncio.start_unix_server(self.handle_connection, sock=sock, backlog=handover.BACKLOG)
