@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -145,7 +146,9 @@ class PluginServer:
         return {"Name": instance.name, "Id": iid, "Config": instance.config}
 
     async def rpc_GetStatus(self, *_: Any) -> dict[str, Any]:
-        return {"Pid": os.getpid(), "Events": len(self.events), "Plugins": {self.name: {
+        # GcFrozen: objects out of the collector's reach (cli._freeze_the_heap); not part of Kong's protocol
+        return {"Pid": os.getpid(), "Events": len(self.events), "GcFrozen": gc.get_freeze_count(),
+                "Plugins": {self.name: {
             "Name": self.name, "Instances": [
                 {"Name": i.name, "Id": i.id, "Config": i.config, "StartTime": i.started}
                 for i in self.instances.values()
