@@ -13,6 +13,7 @@ differs from the image: ports, prefix, log level, and (root without a world-read
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shlex
@@ -170,6 +171,13 @@ def _proc_pids(*needles: bytes) -> list[int]:
     return pids
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class LocalKong(RealKong):
     """``kong start`` of a local binary in a prefix of its own."""
 
@@ -237,10 +245,25 @@ class LocalKong(RealKong):
         return self
 
     def stop(self) -> None:
-        self._kong("stop", "-p", str(self.prefix), timeout=60)
-        for pid in _proc_pids(str(self.prefix).encode()):  # a plugin server that outlived nginx
-            os.kill(pid, signal.SIGKILL)
+        self._stop_prefix(self.prefix)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _stop_prefix(self, prefix: Path) -> None:
+        """`kong stop`, then wait for nginx's master and workers to be gone (a graceful stop returns before its
+        workers have exited), and kill whatever of this Kong is left: its workers would otherwise outlive the
+        test, orphaned, their event loops retrying the master's broker for ever."""
+        processes = set(_proc_pids(str(prefix).encode()))  # the master (its -p argument) and plugin servers
+        for pid in list(processes):
+            with contextlib.suppress(OSError):
+                processes.update(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+        self._kong("stop", "-p", str(prefix), timeout=60)
+        deadline = time.monotonic() + 15
+        while processes and time.monotonic() < deadline:
+            processes = {pid for pid in processes if _running(pid)}
+            time.sleep(0.1)
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def error_log(self) -> str:
         path = self.prefix / "logs" / "error.log"
@@ -282,7 +305,7 @@ class LocalKong(RealKong):
         log = (other / "logs" / "error.log")
         said = result.stdout + result.stderr + (log.read_text(errors="replace") if log.exists() else "")
         if result.returncode == 0:
-            self._kong("stop", "-p", str(other), timeout=60)
+            self._stop_prefix(other)
         return result.returncode != 0, said
 
 
