@@ -126,6 +126,7 @@ def test_a_request_without_any_ticket_is_a_retryable_503(plugin_server: PluginSe
         response = listener_post(plugin_server, BODY, ticket)
         assert response.status_code == 503
         assert response.headers["Retry-After"] == "1"
+        assert response.headers["x-should-retry"] == "true"  # the SDKs retry it; nothing reached a provider
         assert response.json()["error"]["code"] == "gateway_restarting"
 
 
@@ -329,6 +330,7 @@ def test_a_new_plugin_server_takes_over_from_the_old_one_as_on_kong_reload(tmp_p
         assert served.status_code == 200, served.text  # the port is the new server's now
         stale = httpx.post(url, content=body, headers={TICKET: old_ticket, "Content-Type": "application/json"})
         assert stale.status_code == 503 and stale.json()["error"]["code"] == "gateway_restarting"
+        assert stale.headers["x-should-retry"] == "true"
         foreign = old_ticket.rsplit(".", 2)
         forged = httpx.post(url, content=body, headers={TICKET: f"{foreign[0]}.deadbeef.{foreign[2]}",
                                                         "Content-Type": "application/json"})

@@ -121,6 +121,7 @@ def test_success_and_stream_answers_carry_no_retry_header(route: KongHarness) ->
 
 @pytest.mark.parametrize(("status", "code", "retry_after", "expected"), [
     (503, "config_reloaded", "1", True),
+    (503, "gateway_restarting", "1", True),  # Kong failed open while the plugin server restarted
     (429, "budget_exceeded", "42", True),
     (429, "budget_exceeded", "3600", False),  # the SDKs wait at most 60 s: their retry would come too early
     (503, "no_healthy_deployment", "5", True),

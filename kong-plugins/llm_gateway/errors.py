@@ -38,7 +38,7 @@ DEFAULT_RETRY_AFTER = 1
 SHOULD_RETRY = "x-should-retry"
 # errors that retrying fixes and that the gateway did not retry itself: nothing was sent to a provider
 RETRY_WELCOME = frozenset({"config_reloaded", "budget_exceeded", "budget_store_unavailable",
-                           "no_healthy_deployment"})
+                           "no_healthy_deployment", "gateway_restarting"})
 MAX_CLIENT_WAIT_S = 60  # the SDKs honour Retry-After only up to 60 s; beyond that a retry comes too early
 
 
