@@ -70,11 +70,11 @@ def pct(values: list[float], q: float) -> float:
 async def main(calls: int, rounds: int) -> None:
     import litellm
 
-    from llm_gateway import providers
     from llm_gateway.config import parse_config
-    from llm_gateway.openai_compatible import Usage
-    from llm_gateway.router import Router
-    from llm_gateway.routing_state import MemoryRoutingState, RedisRoutingState
+    from llm_gateway.providers import chat as providers
+    from llm_gateway.providers.openai_compatible import Usage
+    from llm_gateway.routing.router import Router
+    from llm_gateway.routing.state import MemoryRoutingState, RedisRoutingState
 
     mock, base = start_mock()
     try:

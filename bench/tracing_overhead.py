@@ -1,4 +1,5 @@
-"""What tracing costs a request: the tracing hooks of one LLM request (tracing.py), off and on, in this process.
+"""What tracing costs a request: the tracing hooks of one LLM request (operations/tracing.py), off and on, in this
+process.
 
 One "request" runs exactly the hook calls the listener and the ledger make for a JSON request that is served by
 its first attempt: ``start_request``, ``attempt``, the router's call through ``traced_call``, ``finish_request``
@@ -16,7 +17,7 @@ baseline; compare with the plugin server's ~1,100-1,600 us of CPU per request (d
 
 ``--end-to-end``: the whole plugin path instead (bench/stack.py: the Kong-side harness, a plugin server, the mock
 provider in its own process), two plugin servers side by side, one with tracing off and one exporting every
-span over OTLP/HTTP to a local receiver (tests/test_tracing.py's, which decodes them); sequential JSON requests,
+span over OTLP/HTTP to a local receiver (tests/otlp_receiver.py, which decodes them); sequential JSON requests,
 interleaved rounds; reported: the plugin server's CPU ms per request (utime+stime) and the latency median.
 
     python bench/tracing_overhead.py --end-to-end [--requests 400] [--rounds 5]
@@ -44,9 +45,10 @@ PARAMS = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max
 
 
 def _fixtures() -> tuple[Any, Any, Any]:
-    from llm_gateway.accounting import TokenUsage, UsageRecord
+    from llm_gateway.accounting.records import UsageRecord
+    from llm_gateway.accounting.tokens import TokenUsage
     from llm_gateway.config import Deployment
-    from llm_gateway.openai_compatible import Usage
+    from llm_gateway.providers.openai_compatible import Usage
 
     deployment = Deployment("openai/gpt-4o-mini", None, None, 60.0, id="chat#0")
     record = UsageRecord(request_id="r", consumer="alice", consumer_id="c", route="route", alias="chat",
@@ -103,14 +105,14 @@ class _Dropping:
 
 
 async def main(requests: int, rounds: int) -> None:
-    import llm_gateway.tracing as off_module
+    import llm_gateway.operations.tracing as off_module
 
     # the batch processor's thread must keep up (the default queue of 2048 fills and drops spans here)
     os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "50")
     os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", "65536")
 
     assert not off_module.enabled()
-    on_module = importlib.util.module_from_spec(importlib.util.find_spec("llm_gateway.tracing"))  # a 2nd copy
+    on_module = importlib.util.module_from_spec(importlib.util.find_spec("llm_gateway.operations.tracing"))  # 2nd copy
     on_module.__spec__.loader.exec_module(on_module)  # type: ignore[union-attr]
     assert on_module.configure({}, exporter=_Dropping())
     variants = {"baseline": _variant(off_module, False), "off": _variant(off_module, True),
@@ -135,7 +137,7 @@ def end_to_end(requests: int, rounds: int) -> None:
     import httpx
     from stack import CLIENT_KEY, cpu_seconds, mock_provider, plugin_path
 
-    from test_tracing import Receiver
+    from otlp_receiver import Receiver
 
     receiver = Receiver()
     body = {"model": "gpt-bench", "messages": [{"role": "user", "content": "Say hello to the benchmark please"}]}

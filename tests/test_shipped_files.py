@@ -23,7 +23,7 @@ import yaml
 from conftest import ALICE_KEY
 from kong_harness import KongHarness, PluginServerProcess, _plugin_env
 from llm_gateway import PLUGIN_NAME
-from llm_gateway.declarative_check import check_file, check_plugin_config
+from llm_gateway.kong.declarative_check import check_file, check_plugin_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -231,7 +231,7 @@ def test_the_dashboard_asks_only_for_metrics_the_plugin_server_exports(
     wanted = {name for expr in dashboard_exprs() for name in METRIC.findall(expr)}
     ours = {name for name in wanted if name.startswith("llm_gateway_")}
     assert ours and not ours - exported, f"not exported by the plugin server: {sorted(ours - exported)}"
-    # kong_* names are Kong's prometheus plugin's: tests/test_real_kong.py checks them against a real Kong
+    # kong_* names are Kong's prometheus plugin's: tests/kong/test_real_kong.py checks them against a real Kong
     assert wanted - ours <= {name for name in wanted if name.startswith("kong_")}
 
 
@@ -245,8 +245,8 @@ def test_the_configuration_reference_is_the_generated_one() -> None:
 
 
 def test_the_reference_names_every_schema_field() -> None:
-    from llm_gateway.docs_reference import configuration_reference
-    from llm_gateway.schema import CONFIG_FIELDS
+    from llm_gateway.kong.schema import CONFIG_FIELDS
+    from llm_gateway.operations.docs_reference import configuration_reference
 
     reference = configuration_reference()
 

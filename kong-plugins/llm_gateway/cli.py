@@ -23,8 +23,10 @@ import sys
 import time
 from typing import Any
 
-from llm_gateway import PLUGIN_NAME, handover, logs
-from llm_gateway.schema import plugin_info
+from llm_gateway import PLUGIN_NAME
+from llm_gateway.kong import handover
+from llm_gateway.kong.schema import plugin_info
+from llm_gateway.operations import logs
 
 log = logging.getLogger("llm_gateway")
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args.files)
     if args.command in OPS_COMMANDS:
         return _run_ops_command(args)
-    logs.configure()  # one JSON object per line (logs.py)
+    logs.configure()  # one JSON object per line (operations/logs.py)
     try:
         import uvloop
         uvloop.install()
@@ -112,14 +114,14 @@ def _add_ops_commands(sub: Any) -> None:
 
 def _run_ops_command(args: argparse.Namespace) -> int:
     if args.command == "smoke":
-        from llm_gateway import smoke
+        from llm_gateway.operations import smoke
 
         return smoke.run(args.url, args.key, args.model, timeout=args.timeout, ready_url=args.ready_url)
     if args.command == "health":
-        from llm_gateway import smoke
+        from llm_gateway.operations import smoke
 
         return smoke.health(args.url)
-    from llm_gateway import docs_reference
+    from llm_gateway.operations import docs_reference
 
     sys.stdout.write(docs_reference.configuration_reference())
     return 0
@@ -127,7 +129,7 @@ def _run_ops_command(args: argparse.Namespace) -> int:
 
 def _check(files: list[str]) -> int:
     """Exit status 1, one line per problem on stderr, when any file would be refused."""
-    from llm_gateway.declarative_check import check_file
+    from llm_gateway.kong.declarative_check import check_file
 
     failed = False
     for path in files:
@@ -162,7 +164,7 @@ def _bind_metrics(listen: str, metrics: Any, health: Any) -> Any:
     the port until it steps aside, and ``_start_metrics`` binds it then)."""
     if listen == "off":
         return None
-    from llm_gateway.metrics import start_metrics_server
+    from llm_gateway.accounting.metrics import start_metrics_server
 
     host, port = _host_port(listen)
     try:
@@ -208,17 +210,18 @@ def _freeze_the_heap() -> None:
 async def _warm_up(demo_base: str) -> None:
     """One real call down each provider path, against the demo provider: LiteLLM imports much of itself
     lazily, and the first request should not pay for it."""
-    from llm_gateway import providers
     from llm_gateway.config import Deployment
-    from llm_gateway.openai_compatible import Usage
+    from llm_gateway.providers import chat
+    from llm_gateway.providers.openai_compatible import Usage
+    from llm_gateway.providers.upstream import DEMO_API_KEY
 
     started = time.monotonic()
     messages = {"messages": [{"role": "user", "content": "warm up"}]}
     # demo/ takes the lean OpenAI-format path; hosted_vllm/ (OpenAI-compatible too) goes through acompletion
     for deployment in (Deployment("demo/warm-up", None, None, 10.0),
-                       Deployment("hosted_vllm/warm-up", demo_base, providers.DEMO_API_KEY, 10.0)):
+                       Deployment("hosted_vllm/warm-up", demo_base, DEMO_API_KEY, 10.0)):
         try:
-            await providers.complete(deployment, messages, Usage())
+            await chat.complete(deployment, messages, Usage())
         except Exception as exc:
             log.warning("warm-up call failed (%s); continuing", type(exc).__name__)
     log.info("provider paths warmed up in %.2f s", time.monotonic() - started)
@@ -228,11 +231,11 @@ async def serve(args: argparse.Namespace) -> None:
     _die_with_parent()
     parent = os.getppid()
     started = time.monotonic()
-    from llm_gateway.health import Health, fail_closed_redis, watch
-    from llm_gateway.metrics import Metrics
+    from llm_gateway.accounting.metrics import Metrics
+    from llm_gateway.operations.health import Health, fail_closed_redis, watch
 
     health = Health(stale_after=float(os.environ.get("LLM_GATEWAY_LIVENESS_STALE_S", "10")))
-    # Kong's socket and the listener's port exist before the seconds of importing LiteLLM (see handover.py):
+    # Kong's socket and the listener's port exist before the seconds of importing LiteLLM (see kong/handover.py):
     # what arrives meanwhile waits in the backlog and is served once the server is ready.
     previous = handover.predecessor(args.socket)
     rpc_socket = handover.UnixSocket(args.socket)
@@ -242,19 +245,19 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = Metrics()
     metrics_server = _bind_metrics(args.metrics_listen, metrics, health)  # health answers from now on
     health.enter("importing")
-    from llm_gateway import providers  # imports LiteLLM: seconds of CPU
     from llm_gateway.config import ConfigRegistry
-    from llm_gateway.demo_provider import demo_app
-    from llm_gateway.listener import Listener
-    from llm_gateway.plugin import LLMGatewayPlugin
-    from llm_gateway.rpc_server import PluginServer
+    from llm_gateway.kong.plugin import LLMGatewayPlugin
+    from llm_gateway.kong.rpc_server import PluginServer
+    from llm_gateway.kong.ticket import TicketBook
+    from llm_gateway.listener.app import Listener
+    from llm_gateway.providers import upstream  # imports LiteLLM: seconds of CPU
+    from llm_gateway.providers.demo import demo_app
     from llm_gateway.runtime import Runtime
-    from llm_gateway.ticket import TicketBook
 
     logs.adopt("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
-    from llm_gateway import tracing
+    from llm_gateway.operations import tracing
 
-    tracing.configure()  # LLM_GATEWAY_TRACING=on: OTLP export (tracing.py); off by default
+    tracing.configure()  # LLM_GATEWAY_TRACING=on: OTLP export (operations/tracing.py); off by default
     log.info("LiteLLM imported in %.2f s", time.monotonic() - started)
     tickets = TicketBook(ttl_seconds=args.ticket_ttl,
                          predecessors=frozenset([previous.issuer]) if previous else frozenset())
@@ -264,7 +267,7 @@ async def serve(args: argparse.Namespace) -> None:
         assert previous is not None
         listener_socket = handover.take_over(previous, *args.listen, "LLM listener")
     demo_host, demo_port = args.demo_listen
-    providers.set_demo_base(f"http://{demo_host}:{demo_port}/v1")
+    upstream.set_demo_base(f"http://{demo_host}:{demo_port}/v1")
     demo = handover.bind_tcp(demo_host, demo_port, "demo provider")
     if demo is None:
         raise OSError(f"{demo_host}:{demo_port} is taken; cannot listen")

@@ -1,6 +1,6 @@
 """Typed, validated plugin settings built from the JSON config Kong sends with ``plugin.StartInstance``.
 
-Kong has already validated the config against ``schema.py``, but an absent optional record arrives as null
+Kong has already validated the config against ``kong/schema.py``, but an absent optional record arrives as null
 with no defaults filled, and Kong's schema language cannot say everything (unique alias names), so defaults
 and checks live here too. Keys are resolved once, here, never per request.
 """
@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_gateway.budgets import WINDOWS, Budget
-from llm_gateway.routing_state import CooldownPolicy
-from llm_gateway.strategies import STRATEGIES
+from llm_gateway.accounting.budgets import WINDOWS, Budget
+from llm_gateway.routing.state import CooldownPolicy
+from llm_gateway.routing.strategies import STRATEGIES
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_BYTES = 1_048_576

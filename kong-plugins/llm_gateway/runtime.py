@@ -11,13 +11,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_gateway.accounting import RecordSink
-from llm_gateway.budgets import BudgetStore, MemoryBudgetStore, RedisBudgetStore
+from llm_gateway.accounting.budgets import BudgetStore, MemoryBudgetStore, RedisBudgetStore
+from llm_gateway.accounting.metrics import Metrics
+from llm_gateway.accounting.records import RecordSink
 from llm_gateway.config import ConfigRegistry, GatewayConfig, RedisSettings
-from llm_gateway.metrics import Metrics
-from llm_gateway.router import Router
-from llm_gateway.routing_state import MemoryRoutingState, RedisRoutingState, RoutingState
-from llm_gateway.ticket import TicketBook
+from llm_gateway.kong.ticket import TicketBook
+from llm_gateway.routing.router import Router
+from llm_gateway.routing.state import MemoryRoutingState, RedisRoutingState, RoutingState
 
 log = logging.getLogger("llm_gateway.runtime")
 
@@ -122,14 +122,14 @@ class Runtime:
         return self._stores[key]
 
     def _sweep(self, key: tuple, store: BudgetStore, config: GatewayConfig) -> None:
-        """Every Redis budget store gets a lease sweeper (leases.py), started on the running loop."""
+        """Every Redis budget store gets a lease sweeper (accounting/leases.py), started on the running loop."""
         if key in self._sweepers or not isinstance(store, RedisBudgetStore):
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a config checked outside the server): the first request starts it
-        from llm_gateway.leases import sweep_forever
+        from llm_gateway.accounting.leases import sweep_forever
 
         self._sweepers[key] = loop.create_task(sweep_forever(store, self.record_sink(config)),
                                                name="llm_gateway.lease-sweeper")

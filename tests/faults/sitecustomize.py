@@ -1,4 +1,4 @@
-"""Faults for tests/test_listener_hardening.py, injected into a real plugin server process at its start (Python
+"""Faults for tests/listener/test_listener_hardening.py, injected into a real plugin server process at its start (Python
 imports ``sitecustomize`` from PYTHONPATH): when LLM_GATEWAY_TEST_FAULTS is set, a request whose body or
 messages carry a marker makes one piece of the gateway raise, as a bug there would.
 
@@ -6,7 +6,7 @@ messages carry a marker makes one piece of the gateway raise, as a bug there wou
   stream the provider cut without reporting usage: issue 10, item 3).
 * ``FAULT:parse`` in the body: request parsing raises before any accounting exists (an unexpected 500).
 * ``FAULT:block-loop-<seconds>`` in the body: request parsing blocks the event loop that long, as a CPU-bound
-  bug would (liveness must say so: tests/test_health.py).
+  bug would (liveness must say so: tests/operations/test_health.py).
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import re
 import time
 
 if os.environ.get("LLM_GATEWAY_TEST_FAULTS"):
-    from llm_gateway import accounting, listener
+    from llm_gateway.accounting import ledger
+    from llm_gateway.listener import app as listener
 
-    _estimate_usage = accounting.estimate_usage
+    _estimate_prompt_tokens = ledger.estimate_prompt_tokens
     _parse_chat_request = listener.parse_chat_request
 
-    def estimate_usage(model, messages, completion_text):  # type: ignore[no-untyped-def]
+    def estimate_prompt_tokens(model, messages):  # type: ignore[no-untyped-def]
         if "FAULT:estimate" in repr(messages):
             raise TypeError("injected: 'int' object is not iterable")
-        return _estimate_usage(model, messages, completion_text)
+        return _estimate_prompt_tokens(model, messages)
 
     def parse_chat_request(body):  # type: ignore[no-untyped-def]
         if b"FAULT:parse" in body:
@@ -33,5 +34,5 @@ if os.environ.get("LLM_GATEWAY_TEST_FAULTS"):
             time.sleep(float(blocked.group(1)))
         return _parse_chat_request(body)
 
-    accounting.estimate_usage = estimate_usage
+    ledger.estimate_prompt_tokens = estimate_prompt_tokens
     listener.parse_chat_request = parse_chat_request

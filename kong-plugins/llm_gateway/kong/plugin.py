@@ -1,0 +1,68 @@
+"""The Kong-facing shell: the plugin's phase handlers, bound to the PDK. Everything else is plain Python.
+
+The access phase only proves that a request went through Kong (see ``kong/ticket.py``): three PDK calls, four RPC
+round trips (plus one on an instance's first request, to learn the Service's read timeout), and Kong then
+proxies the untouched request to the plugin server's loopback listener, which does the LLM work and streams
+its answer back through Kong. There is deliberately no ``response`` phase: it would
+make Kong buffer the whole upstream response, streams included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from llm_gateway.accounting.tokens import warm_up
+from llm_gateway.config import GatewayConfig, parse_config
+from llm_gateway.kong import ticket
+from llm_gateway.kong.rpc_server import PDK
+from llm_gateway.providers.upstream import check_model
+from llm_gateway.runtime import Runtime
+
+
+class LLMGatewayPlugin:
+    """One instance per (plugin config, nginx worker); equal configs share one parsed GatewayConfig."""
+
+    def __init__(self, raw_config: dict[str, Any], runtime: Runtime) -> None:
+        parsed = parse_config(raw_config)
+        for alias in parsed.models.values():
+            for deployment in alias.deployments:
+                check_model(deployment.model)
+        self.runtime = runtime
+        self.config = runtime.registry.acquire(parsed)
+        self._timeouts_known = False
+        runtime.watch(self.config)  # sweeps budget leases a crashed node left (accounting/leases.py)
+        if self.config.budgets and self.config is parsed:
+            _load_tokenizers(self.config)
+
+    async def access(self, kong: PDK) -> None:
+        # 0 = "read it whatever its size", including a body nginx spooled to a file (over
+        # client_body_buffer_size). Any limit Kong could refuse would make get_raw_body return nil, which Kong
+        # 3.9 cannot even pack into the step (mp_rpc.lua fix_raw): a 500. The route's max_body_bytes is the
+        # listener's 413; nginx's client_max_body_size is the hard cap in front of all this.
+        body = await kong.request.get_raw_body(0)
+        if isinstance(body, str):
+            body = body.encode()
+        consumer = await kong.client.get_consumer()
+        if not self._timeouts_known:  # once per instance: the Service's timeouts change only with the config
+            self._timeouts_known = True
+            service = await kong.router.get_service()
+            read_timeout = service.get("read_timeout") if isinstance(service, dict) else None
+            if isinstance(read_timeout, int | float) and not isinstance(read_timeout, bool) and read_timeout > 0:
+                self.runtime.note_kong_read_timeout(self.config, read_timeout / 1000)
+        minted = self.runtime.tickets.mint(self.config.key, body, consumer)
+        await kong.service.request.set_header(ticket.HEADER, minted)
+
+    def close(self) -> None:
+        self.runtime.registry.release(self.config.key)
+
+
+def _load_tokenizers(config: GatewayConfig) -> None:
+    """Budget admission counts prompt tokens with LiteLLM's tokenizers: load the ones this config needs in a
+    thread now, so no request waits for it (0.3-0.5 s each). Routes without budgets never load them (40-70 MB
+    each): they count tokens only when a provider reports none."""
+    models = tuple({d.model.partition("/")[2] for a in config.models.values() for d in a.deployments})
+    try:
+        asyncio.get_running_loop().run_in_executor(None, warm_up, models)
+    except RuntimeError:  # no event loop (a config checked outside the server): nothing to warm
+        pass

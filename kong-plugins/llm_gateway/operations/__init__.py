@@ -1,0 +1,2 @@
+"""Running the gateway: health, JSON logs, tracing, the smoke check, generated docs.
+"""

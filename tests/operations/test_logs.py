@@ -1,0 +1,95 @@
+"""The plugin server's log (``operations/logs.py``): one JSON object per line, the request id where there is one,
+levels an operator can filter, and the usage record as its own event."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from pathlib import Path
+
+import httpx
+
+from conftest import ALICE_KEY, free_port, usage_records
+from kong_harness import KongHarness, PluginServerProcess, start_plugin_server
+from llm_gateway.operations import logs
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def _entries(server: PluginServerProcess) -> list[dict]:
+    lines = server.stderr_text().splitlines()
+    assert lines
+    entries = []
+    for line in lines:
+        entry = json.loads(line)  # every line, not only ours: LiteLLM's and Python's warnings too
+        assert isinstance(entry, dict), line
+        assert {"ts", "level", "logger"} <= entry.keys(), line
+        assert entry["ts"].endswith("Z") and entry["level"] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        assert "message" in entry or entry.get("event") == "usage", line
+        entries.append(entry)
+    return entries
+
+
+def test_every_line_is_one_json_object_and_request_lines_carry_the_request_id(
+        kong: KongHarness, plugin_server: PluginServerProcess) -> None:
+    response = httpx.post(f"{kong.url}/v1/chat/completions", headers={"apikey": ALICE_KEY}, timeout=30,
+                          json={"model": "gpt-mock", "messages": HELLO})
+    assert response.status_code == 200
+    request_id = response.headers["X-Request-ID"]
+    marker = "bypass-" + secrets.token_hex(6)
+    bypass = httpx.post(f"http://{plugin_server.listen}/v1/chat/completions", json={"model": "demo"},
+                        headers={"X-Kong-Request-Id": marker, "X-LLM-Gateway-Ticket": "v2.forged"}, timeout=10)
+    assert bypass.status_code == 403
+    usage_records(plugin_server)[request_id]  # the record is there, parsed as its own event
+    entries = _entries(plugin_server)
+    refused = [e for e in entries if e.get("request_id") == marker]
+    assert refused and refused[0]["level"] == "WARNING" and refused[0]["logger"] == "llm_gateway.listener"
+    assert "without a valid ticket" in refused[0]["message"]
+    usage = [e for e in entries if e.get("event") == "usage" and e["request_id"] == request_id]
+    assert len(usage) == 1 and usage[0]["logger"] == "llm_gateway.usage" and usage[0]["level"] == "INFO"
+    assert usage[0]["alias"] == "gpt-mock" and usage[0]["status"] == 200 and usage[0]["total_tokens"] > 0
+    assert not [e for e in entries if "request_id" in e and e.get("event") != "usage"
+                and e["logger"] in ("llm_gateway", "llm_gateway.handover")], "startup lines have no request"
+
+
+def test_the_level_filters_and_warnings_still_show(tmp_path: Path) -> None:
+    server = start_plugin_server(str(tmp_path / "s.sock"), f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
+                                 env={"LLM_GATEWAY_LOG_LEVEL": "warning", "LLM_GATEWAY_METRICS_LISTEN": "off"})
+    try:
+        httpx.post(f"http://{server.listen}/v1/chat/completions", json={"model": "demo"},
+                   headers={"X-LLM-Gateway-Ticket": "v2.forged"}, timeout=10)
+        entries = _entries(server)
+        assert not [e for e in entries if e["level"] in ("DEBUG", "INFO")], entries[:3]
+        assert any(e["level"] == "WARNING" and "without a valid ticket" in e["message"] for e in entries)
+    finally:
+        server.stop()
+
+
+def _format(record: logging.LogRecord) -> dict:
+    line = logs.JSONFormatter().format(record)
+    assert "\n" not in line
+    return json.loads(line)
+
+
+def test_an_exception_is_one_line_and_the_usage_record_is_spliced_whole() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        failed = logging.LogRecord("llm_gateway.listener", logging.ERROR, __file__, 1, "request %s failed", ("r1",),
+                                   sys.exc_info())
+    token = logs.request_id.set("req-123")
+    try:
+        entry = _format(failed)
+    finally:
+        logs.request_id.reset(token)
+    assert entry["message"] == "request r1 failed" and entry["request_id"] == "req-123"
+    assert entry["exception"].startswith("Traceback") and "ValueError: boom" in entry["exception"]
+    record = {"request_id": "r2", "consumer": 'o"hara\n', "total_tokens": 3, "cost_usd": None}
+    usage = logging.LogRecord(logs.USAGE_LOGGER, logging.INFO, __file__, 1, json.dumps(record), (), None)
+    entry = _format(usage)
+    assert entry.pop("event") == "usage" and entry.pop("logger") == logs.USAGE_LOGGER and entry.pop("ts")
+    assert entry.pop("level") == "INFO" and entry == record
+    assert "request_id" not in _format(logging.LogRecord("x", logging.INFO, __file__, 1, "no request", (), None))
