@@ -40,7 +40,8 @@ class Usage:
     chars: int = 0  # length of all completion text seen, kept or not
     kept: int = 0  # length of what ``text`` holds
 
-    def _add(self, piece: str) -> None:
+    def add_text(self, piece: str) -> None:
+        """Completion text as it passes (any endpoint): counted whole, kept up to TEXT_KEPT_CHARS."""
         self.chars += len(piece)
         if self.kept < TEXT_KEPT_CHARS:
             piece = piece[:TEXT_KEPT_CHARS - self.kept]
@@ -64,13 +65,13 @@ class Usage:
             if not isinstance(part, dict):
                 continue
             if isinstance(part.get("content"), str):
-                self._add(part["content"])
+                self.add_text(part["content"])
             calls = part.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
                 function = call.get("function") if isinstance(call, dict) else None
                 arguments = function.get("arguments") if isinstance(function, dict) else None
                 if isinstance(arguments, str):
-                    self._add(arguments)
+                    self.add_text(arguments)
 
 
 def session() -> aiohttp.ClientSession:
