@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llm_gateway.errors import GatewayError
 
 if TYPE_CHECKING:
-    from llm_gateway.config import Deployment
+    from llm_gateway.config import Deployment, GatewayConfig
     from llm_gateway.providers.openai_compatible import Usage
 
 
@@ -107,4 +108,34 @@ class Endpoint(Protocol):
         """The answer as SSE events in this endpoint's format. Produces the first event before returning, so a
         provider failing before its first byte fails here (and can be retried); ``usage`` is filled as the events
         pass, the final usage included."""
+        ...
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request the ticket vouched for, as a ``DirectEndpoint`` gets it."""
+
+    config: GatewayConfig
+    consumer_username: str | None
+    consumer_id: str | None
+    body: bytes  # Content-Encoding undone; b"" on a GET
+    request_id: str
+    match: dict[str, str] = field(default_factory=dict)  # the path's variables (aiohttp's match_info)
+
+    def may_use(self, alias: str) -> bool:
+        """``model_access``: whether this consumer may use the alias."""
+        return self.config.allowed(alias, self.consumer_username, self.consumer_id)
+
+
+class DirectEndpoint(Protocol):
+    """An endpoint the gateway answers itself: nothing is charged and no deployment's health is at stake (the
+    model list, token counts). Ticket, body limits and error format are the listener's, as for LLM endpoints."""
+
+    name: str
+    method: str  # "GET" or "POST"
+    path: str  # an aiohttp route pattern, e.g. "/v1/models/{model_id:.+}"
+    errors: ErrorFormat
+
+    async def answer(self, request: Admitted) -> bytes:
+        """The JSON body of a 200; GatewayError for anything else."""
         ...
