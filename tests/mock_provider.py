@@ -362,9 +362,12 @@ class MockProvider:
             return [r for r in self.requests if r.body and marker in json.dumps(r.body)]
 
     async def _serve(self) -> None:
+        import mock_completions  # OpenAI's legacy text completions (its own module: it imports this one)
+
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
+        app.router.add_post("/v1/completions", lambda request: mock_completions.completions(self, request))
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
