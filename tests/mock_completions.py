@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -122,3 +123,10 @@ async def completions(mock: MockProvider, request: web.Request) -> web.StreamRes
     except ConnectionError:
         pass
     return response
+
+
+def handler(mock: MockProvider) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The route's handler for ``mock`` (its key, its recorded requests)."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await completions(mock, request)
+    return handle

@@ -367,7 +367,7 @@ class MockProvider:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
-        app.router.add_post("/v1/completions", lambda request: mock_completions.completions(self, request))
+        app.router.add_post("/v1/completions", mock_completions.handler(self))
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()

@@ -8,11 +8,14 @@ to end with the OpenAI SDK through the harness and the real plugin server.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import openai
 import pytest
 
+from conftest import wait_for_record
 from llm_gateway.api.completions import ENDPOINT, PARAMETERS, parse_completion_request
 from llm_gateway.config import parse_config
 from llm_gateway.errors import GatewayError
@@ -196,3 +199,89 @@ async def test_stream_cut_mid_way_raises(mock: MockProvider) -> None:
         async for _ in events:
             pass
     assert caught.value.status == 502
+
+
+# -- end to end: the OpenAI SDK → the harness → the real plugin server → LiteLLM → the mock provider ----------
+
+def records_of(server: Any, request_id: str) -> list[dict[str, Any]]:
+    """Every usage record line the server logged for this request (so a double record shows)."""
+    found = []
+    for line in server.stderr_text().splitlines():
+        start = line.find('{"ts":')
+        if start >= 0 and '"event":"usage"' in line and request_id in line:
+            entry = json.loads(line[start:])
+            if entry.get("request_id") == request_id:
+                found.append(entry)
+    return found
+
+
+def test_sdk_json_completion(client: openai.OpenAI, plugin_server: Any, mock_provider: MockProvider) -> None:
+    raw = client.completions.with_raw_response.create(model="gpt-mock", prompt=PROMPT)
+    completion = raw.parse()
+    assert_valid("CreateCompletionResponse", json.loads(raw.text))
+    assert completion.object == "text_completion"
+    assert completion.choices[0].text == f"Hello from mock-gpt: {PROMPT}"
+    assert completion.usage.prompt_tokens == 5 and completion.usage.completion_tokens == 8
+    assert raw.headers["X-LLM-Provider"] == "openai" and raw.headers["X-LLM-Total-Tokens"] == "13"
+    assert mock_provider.requests_for("mock-gpt")[-1].path == "/v1/completions"  # natively, not via chat
+    assert mock_provider.requests_for("mock-gpt")[-1].body["max_tokens"] == 16  # OpenAI's default
+    wait_for_record(plugin_server, raw.headers["X-Request-ID"])
+    [record] = records_of(plugin_server, raw.headers["X-Request-ID"])
+    assert record["endpoint"] == "completions" and record["alias"] == "gpt-mock"
+    assert record["prompt_tokens"] == 5 and record["completion_tokens"] == 8 and record["status"] == 200
+
+
+def test_sdk_stream(client: openai.OpenAI, plugin_server: Any) -> None:
+    with client.completions.with_streaming_response.create(model="gpt-mock", prompt=PROMPT, stream=True) as raw:
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        request_id = raw.headers["X-Request-ID"]
+        lines = [line for line in raw.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == f"Hello from mock-gpt: {PROMPT}"
+    assert all("usage" not in c for c in chunks), "the client did not ask for usage"
+    stream = client.completions.create(model="claude-mock", prompt=PROMPT, stream=True,
+                                       stream_options={"include_usage": True})
+    received = list(stream)
+    assert "".join(c.choices[0].text for c in received if c.choices) == f"Hello from mock-claude: {PROMPT}"
+    assert received[-1].choices == [] and received[-1].usage.completion_tokens == 8
+    wait_for_record(plugin_server, request_id)
+    [record] = records_of(plugin_server, request_id)
+    assert record["endpoint"] == "completions" and record["stream"] is True
+    assert record["completion_tokens"] == 8 and record["estimated"] is False
+
+
+def test_sdk_bad_input_is_a_400(client: openai.OpenAI, mock_provider: MockProvider) -> None:
+    mock_provider.clear()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="gpt-mock", prompt=PROMPT, temperature=5)
+    assert caught.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model="gpt-mock", prompt=PROMPT, extra_body={"messages": []})
+    assert caught.value.body["code"] == "unsupported_parameter" and caught.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as caught:  # the chat bridge cannot echo: refused, not sent
+        client.completions.create(model="claude-mock", prompt=PROMPT, echo=True)
+    assert caught.value.body["param"] == "echo"
+    assert mock_provider.requests == []
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-alias", prompt=PROMPT)
+
+
+def test_provider_500_is_retried(client: openai.OpenAI, mock_provider: MockProvider, plugin_server: Any) -> None:
+    marker = f"retry-{uuid.uuid4().hex}"
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(model="provider-500", prompt=f"{PROMPT} {marker}")
+    assert caught.value.status_code == 502 and caught.value.body["code"] == "provider_error"
+    assert len(mock_provider.requests_with(marker)) == 3  # the gateway's 2 retries: 3 provider calls
+    assert caught.value.response.headers["X-LLM-Attempts"] == "3"
+    request_id = caught.value.response.headers["X-Request-ID"]
+    wait_for_record(plugin_server, request_id)
+    [record] = records_of(plugin_server, request_id)
+    assert record["endpoint"] == "completions" and record["status"] == 502 and record["attempts"] == 3
+
+
+def test_demo_answers_text_completions(client: openai.OpenAI) -> None:
+    completion = client.completions.create(model="demo", prompt="hello demo", max_tokens=50)
+    assert completion.choices[0].text.startswith("Hello from the kong-llm-gateway demo provider")
+    chunks = list(client.completions.create(model="demo", prompt="hello demo", stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices).endswith("You said: hello demo")

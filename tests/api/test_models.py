@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import openai
 import pytest
 
+from conftest import ALICE_KEY, BOB_KEY, PRICE, gateway_config, route_to, usage_records
 from llm_gateway.api import models
 from llm_gateway.api.base import Admitted
 from llm_gateway.config import parse_config
@@ -205,3 +208,110 @@ async def test_a_released_config_takes_its_catalog_along() -> None:
     del config
     gc.collect()
     assert key not in models._catalogs
+
+
+# -- end to end: the OpenAI SDK → the harness → the real plugin server --------------------------------------
+
+def access_config(mock: Any) -> dict[str, Any]:
+    """A route of its own: bob may use only some aliases; one alias holds a slash, one routes by complexity."""
+    oa = mock.openai_base
+    return {
+        "models": [
+            {"name": "gpt-4o-mini", "deployments": [{"model": "openai/gpt-4o-mini", "api_base": oa,
+                                                     "api_key_env": "MOCK_PROVIDER_KEY"}]},
+            {"name": "openai/gpt-4o", "deployments": [{"model": "openai/gpt-4o", "api_base": oa,
+                                                       "api_key_env": "MOCK_PROVIDER_KEY"}]},
+            {"name": "demo", "deployments": [{"model": "demo/echo"}]},
+            {"name": "staff-only", "deployments": [{"model": "openai/mock-gpt", "api_base": oa,
+                                                    "api_key_env": "MOCK_PROVIDER_KEY"}]},
+            {"name": "auto", "route_by_complexity": {"strong": "openai/gpt-4o", "weak": "gpt-4o-mini"}},
+        ],
+        "model_access": [{"consumers": ["bob"], "models": ["demo", "auto", "gpt-4o-mini"]}],
+    }
+
+
+@pytest.fixture(scope="module")
+def access_route(plugin_server: Any, mock_provider: Any) -> Iterator[Any]:
+    with route_to(plugin_server, access_config(mock_provider)) as harness:
+        yield harness
+
+
+def sdk(route: Any, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{route.url}/v1", api_key="unused-by-key-auth", max_retries=0,
+                         default_headers={"apikey": key})
+
+
+def test_sdk_lists_the_routes_aliases(client: openai.OpenAI, mock_provider: Any) -> None:
+    raw = client.models.with_raw_response.list()
+    body = json.loads(raw.text)
+    assert_valid("ListModelsResponse", body)
+    expected = [a["name"] for a in gateway_config(mock_provider)["models"]]
+    assert [m.id for m in raw.parse()] == expected
+    assert raw.headers["content-type"].startswith("application/json")
+    assert raw.headers["X-Request-ID"] == raw.headers["X-Kong-Request-Id"]
+
+
+def test_sdk_retrieves_one_alias_with_its_deployments(client: openai.OpenAI) -> None:
+    demo = client.models.retrieve("demo")
+    assert (demo.id, demo.object, demo.created, demo.owned_by) == ("demo", "model", 0, "demo")
+    extension = demo.model_extra["llm_gateway"]
+    assert extension["deployments"][0]["provider"] == "demo"
+    priced = client.models.retrieve("priced-gpt").model_extra["llm_gateway"]["deployments"][0]
+    assert (priced["input_cost_per_token"], priced["output_cost_per_token"]) == (PRICE["input_cost_per_token"],
+                                                                               PRICE["output_cost_per_token"])
+    catalog = client.models.retrieve("gpt-4o-mini").model_extra["llm_gateway"]
+    assert catalog["context_window"] == 128000 and catalog["supports"]["tools"] is True
+    unknown = client.models.retrieve("gpt-mock").model_extra["llm_gateway"]
+    assert unknown["context_window"] is None and unknown["deployments"][0]["mode"] is None
+
+
+def test_unknown_id_is_openais_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.status_code == 404
+    assert caught.value.body == {"message": "The model 'no-such-model' does not exist on this route.",
+                                 "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    assert caught.value.response.headers["x-should-retry"] == "false"
+
+
+def test_model_access_bob_sees_his_aliases_only(access_route: Any) -> None:
+    alice, bob = sdk(access_route, ALICE_KEY), sdk(access_route, BOB_KEY)
+    assert [m.id for m in alice.models.list()] == ["gpt-4o-mini", "openai/gpt-4o", "demo", "staff-only", "auto"]
+    assert [m.id for m in bob.models.list()] == ["gpt-4o-mini", "demo", "auto"]
+    assert alice.models.retrieve("staff-only").id == "staff-only"
+    answers = []
+    for hidden in ("staff-only", "no-such-alias"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            bob.models.retrieve(hidden)
+        answers.append(caught.value.body["message"].replace(hidden, "X"))
+        assert caught.value.body["code"] == "model_not_found"
+    assert answers[0] == answers[1], "a model bob may not use looks exactly like one that does not exist"
+
+
+def test_routing_alias_and_slashed_ids(access_route: Any) -> None:
+    alice, bob = sdk(access_route, ALICE_KEY), sdk(access_route, BOB_KEY)
+    slashed = alice.models.retrieve("openai/gpt-4o")  # the SDK sends it as openai%2Fgpt-4o
+    assert slashed.id == "openai/gpt-4o" and slashed.owned_by == "openai"
+    auto = alice.models.retrieve("auto").model_extra["llm_gateway"]
+    assert auto["routing"]["type"] == "complexity"
+    assert (auto["routing"]["strong"], auto["routing"]["weak"]) == ("openai/gpt-4o", "gpt-4o-mini")
+    assert [d["route"] for d in auto["deployments"]] == ["strong", "weak"]
+    hidden = bob.models.retrieve("auto").model_extra["llm_gateway"]["routing"]
+    assert (hidden["strong"], hidden["weak"]) == (None, "gpt-4o-mini")  # bob may not use openai/gpt-4o
+
+
+def test_described_once_per_config_on_the_server(plugin_server: Any, access_route: Any) -> None:
+    """The server logs one line per config it describes: many requests, one description."""
+    bob = sdk(access_route, BOB_KEY)
+    for _ in range(10):
+        bob.models.list()
+        bob.models.retrieve("demo")
+    lines = [line for line in plugin_server.stderr_text().splitlines() if "model list of config" in line]
+    keys = [line.split("model list of config ")[1].split(":")[0] for line in lines]
+    assert keys and len(keys) == len(set(keys)), lines
+
+
+def test_gets_are_not_charged(plugin_server: Any, client: openai.OpenAI) -> None:
+    raw = client.models.with_raw_response.retrieve("demo")
+    assert raw.headers["X-Request-ID"] not in usage_records(plugin_server)
+    assert "X-LLM-Provider" not in raw.headers

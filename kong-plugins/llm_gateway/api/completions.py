@@ -9,6 +9,7 @@ speaks text completions natively) is decided per deployment in ``providers.compl
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,7 +163,7 @@ class Completions:
         return await provider.complete(deployment, request.params, usage)
 
     async def open_stream(self, deployment: Deployment, request: CompletionRequest,  # type: ignore[override]
-                          usage: Usage) -> Any:
+                          usage: Usage) -> AsyncIterator[bytes]:
         return await provider.open_stream(deployment, request.params, request.include_usage, usage)
 
 
