@@ -16,7 +16,16 @@ from typing import Any
 import openai
 import pytest
 
-from conftest import ALICE_KEY, BOB_KEY, PRICE, gateway_config, route_to, usage_records
+from conftest import (
+    ALICE_KEY,
+    BOB_KEY,
+    PRICE,
+    PROVIDER_KEY,
+    WRONG_PROVIDER_KEY,
+    gateway_config,
+    route_to,
+    usage_records,
+)
 from llm_gateway.api import models
 from llm_gateway.api.base import Admitted
 from llm_gateway.config import parse_config
@@ -249,6 +258,8 @@ def test_sdk_lists_the_routes_aliases(client: openai.OpenAI, mock_provider: Any)
     assert [m.id for m in raw.parse()] == expected
     assert raw.headers["content-type"].startswith("application/json")
     assert raw.headers["X-Request-ID"] == raw.headers["X-Kong-Request-Id"]
+    assert PROVIDER_KEY not in raw.text and WRONG_PROVIDER_KEY not in raw.text
+    assert mock_provider.base_url not in raw.text and "127.0.0.1" not in raw.text  # no api_base either
 
 
 def test_sdk_retrieves_one_alias_with_its_deployments(client: openai.OpenAI) -> None:
