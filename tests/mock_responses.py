@@ -166,8 +166,8 @@ class Plan:
             "temperature": body.get("temperature", 1.0), "text": {"format": fmt, "verbosity": "medium"},
             "tool_choice": body.get("tool_choice", "auto"), "tools": [_echo(t) for t in body.get("tools") or []],
             "top_logprobs": 0,
-            "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": self.usage() if done else None,
-            "user": body.get("user"), "metadata": body.get("metadata") or {},
+            "top_p": body.get("top_p", 1.0), "truncation": "disabled", "metadata": body.get("metadata") or {},
+            **({"usage": self.usage()} if done else {}), **({"user": body["user"]} if "user" in body else {}),
         }
 
     # -- the stream -----------------------------------------------------------------------------------------
