@@ -47,6 +47,7 @@ words of the JSON arguments) + reasoning tokens; total = prompt + completion. An
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import re
@@ -368,6 +369,8 @@ class MockProvider:
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
         app.router.add_post("/v1/completions", mock_completions.handler(self))
+        import mock_responses  # OpenAI /v1/responses (it imports this module, hence not at the top)
+        app.router.add_post("/v1/responses", functools.partial(mock_responses.answer, self))
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
