@@ -31,9 +31,10 @@ def test_no_secret_in_responses_or_logs(kong: KongHarness, plugin_server: Plugin
                                   json={"model": model, "messages": HELLO, "stream": stream})
             seen.append(json.dumps(dict(response.headers)) + response.text)
     # a request straight to the listener, with the client's own key in every header it can think of
-    bypass = httpx.post(f"http://{plugin_server.listen}/v1/chat/completions", json={"model": "demo"},
-                        headers={"apikey": BOB_KEY, "Authorization": f"Bearer {BOB_KEY}"})
-    seen.append(json.dumps(dict(bypass.headers)) + bypass.text)
+    for ticket in ({}, {"X-LLM-Gateway-Ticket": "v2.forged"}):  # no ticket (retryable), a forged one (refused)
+        bypass = httpx.post(f"http://{plugin_server.listen}/v1/chat/completions", json={"model": "demo"},
+                            headers={"apikey": BOB_KEY, "Authorization": f"Bearer {BOB_KEY}", **ticket})
+        seen.append(json.dumps(dict(bypass.headers)) + bypass.text)
     log = plugin_server.stderr_text()
     seen.append(httpx.get(f"http://{plugin_server.metrics}/metrics", timeout=10).text)
     for health in ("live", "ready"):  # the health reports name Redis by host, never by URL
