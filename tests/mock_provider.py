@@ -365,6 +365,8 @@ class MockProvider:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
+        import mock_anthropic_extras  # imports this module: count_tokens, thinking, cache writes for /v1/messages
+        mock_anthropic_extras.register(app, self)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
