@@ -16,16 +16,15 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llm_gateway.accounting.tokens import estimate_prompt_tokens, rough_tokens
 from llm_gateway.api.base import ANTHROPIC_ERRORS
 from llm_gateway.api.chat_completions import load_json
+from llm_gateway.config import Deployment
 from llm_gateway.errors import GatewayError, bad_request
-
-if TYPE_CHECKING:
-    from llm_gateway.config import Deployment
-    from llm_gateway.providers.openai_compatible import Usage
+from llm_gateway.providers import messages as provider
+from llm_gateway.providers.openai_compatible import Usage
 
 log = logging.getLogger("llm_gateway.api.messages")
 
@@ -412,15 +411,12 @@ class MessagesEndpoint:
     def parse(self, body: bytes) -> MessagesRequest:
         return parse_messages_request(body)
 
-    async def complete(self, deployment: Deployment, request: MessagesRequest, usage: Usage) -> bytes:
-        from llm_gateway.providers import messages as provider
-
+    async def complete(self, deployment: Deployment, request: MessagesRequest,  # type: ignore[override]
+                       usage: Usage) -> bytes:
         return await provider.complete(deployment, request.params, usage)
 
-    async def open_stream(self, deployment: Deployment, request: MessagesRequest,
+    async def open_stream(self, deployment: Deployment, request: MessagesRequest,  # type: ignore[override]
                           usage: Usage) -> AsyncIterator[bytes]:
-        from llm_gateway.providers import messages as provider
-
         return await provider.open_stream(deployment, request.params, usage)
 
 

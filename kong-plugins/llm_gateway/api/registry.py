@@ -3,12 +3,14 @@ itself. A new endpoint is one module in api/ and one line here (and its route in
 
 from __future__ import annotations
 
-from llm_gateway.api import chat_completions
+from llm_gateway.api import chat_completions, count_tokens, messages
 from llm_gateway.api.base import DirectEndpoint, Endpoint
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     chat_completions.ENDPOINT,
+    messages.ENDPOINT,
 )
 
 DIRECT_ENDPOINTS: tuple[DirectEndpoint, ...] = (
+    count_tokens.ENDPOINT,
 )
