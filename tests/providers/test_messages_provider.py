@@ -202,3 +202,12 @@ async def test_count_tokens_asks_anthropic_and_counts_locally_elsewhere(mock_pro
     assert how == "litellm" and local > 7  # tiktoken's count, message and tool overhead included
     fallback = await token_count.count_tokens(deployment(mock_provider, "anthropic/mock-claude-err-500"), prompt)
     assert fallback[1] == "litellm" and fallback[0] > 0
+
+
+async def test_a_thinking_budget_stays_below_a_lowered_max_tokens(mock_provider: MockProvider) -> None:
+    """The ledger may cap max_tokens (a consumer's budget) under the thinking budget the client asked for."""
+    mock_provider.clear()
+    params = {"max_tokens": 1500, "messages": HELLO, "thinking": {"type": "enabled", "budget_tokens": 4000}}
+    await messages.complete(deployment(mock_provider, "anthropic/mock-claude"), params, Usage())
+    assert mock_provider.requests[-1].body["thinking"] == {"type": "enabled", "budget_tokens": 1499}
+    assert params["thinking"]["budget_tokens"] == 4000  # a retry starts from the request as admitted

@@ -25,6 +25,7 @@ from llm_gateway.providers.upstream import call_args
 
 USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
 TEXT_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
+MIN_THINKING_BUDGET = 1024  # Anthropic's least budget_tokens
 
 
 def complete_usage(usage: dict[str, Any] | None, start: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -50,8 +51,21 @@ def stream_error(data: Any) -> GatewayError:
                         code="provider_error")
 
 
+def _thinking_within(params: dict[str, Any]) -> dict[str, Any]:
+    """A thinking budget below max_tokens, as Anthropic requires: a consumer's token budget may have lowered
+    max_tokens under the budget_tokens the client asked for (validation saw them in order). Lowered only as far
+    as Anthropic's minimum; below it the provider's refusal says why."""
+    thinking, limit = params.get("thinking"), params.get("max_tokens")
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled" or not isinstance(limit, int):
+        return params
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, int) and budget >= limit > MIN_THINKING_BUDGET:
+        return {**params, "thinking": {**thinking, "budget_tokens": limit - 1}}
+    return params
+
+
 async def _call(deployment: Deployment, params: dict[str, Any], stream: bool) -> Any:
-    args = call_args(deployment, params)
+    args = call_args(deployment, _thinking_within(params))
     if deployment.drop_params:
         args["drop_params"] = True
     try:
