@@ -47,6 +47,7 @@ words of the JSON arguments) + reasoning tokens; total = prompt + completion. An
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import re
@@ -365,6 +366,8 @@ class MockProvider:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
+        import mock_responses  # OpenAI /v1/responses (it imports this module, hence not at the top)
+        app.router.add_post("/v1/responses", functools.partial(mock_responses.answer, self))
         import mock_anthropic_extras  # imports this module: count_tokens, thinking, cache writes for /v1/messages
         mock_anthropic_extras.register(app, self)
         app.router.add_route("*", "/{tail:.*}", self._unknown)

@@ -3,11 +3,12 @@ itself. A new endpoint is one module in api/ and one line here (and its route in
 
 from __future__ import annotations
 
-from llm_gateway.api import chat_completions, count_tokens, messages
+from llm_gateway.api import chat_completions, count_tokens, messages, responses
 from llm_gateway.api.base import DirectEndpoint, Endpoint
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     chat_completions.ENDPOINT,
+    responses.ENDPOINT,
     messages.ENDPOINT,
 )
 
