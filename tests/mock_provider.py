@@ -363,9 +363,12 @@ class MockProvider:
             return [r for r in self.requests if r.body and marker in json.dumps(r.body)]
 
     async def _serve(self) -> None:
+        import mock_completions  # OpenAI's legacy text completions (its own module: it imports this one)
+
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
+        app.router.add_post("/v1/completions", mock_completions.handler(self))
         import mock_responses  # OpenAI /v1/responses (it imports this module, hence not at the top)
         app.router.add_post("/v1/responses", functools.partial(mock_responses.answer, self))
         import mock_anthropic_extras  # imports this module: count_tokens, thinking, cache writes for /v1/messages
