@@ -117,6 +117,16 @@ def gateway_config(mock: MockProvider) -> dict[str, Any]:
             mock_alias("cut-before-first", "openai/mock-cut-0", oa),
             mock_alias("malformed", "openai/mock-malformed", oa),
             mock_alias("claude-cut", "anthropic/mock-claude-cut-3", an),
+            # /v1/messages (tests/api/test_messages.py): thinking, cache writes and count_tokens on the mock's
+            # Anthropic extras (tests/mock_anthropic_extras.py), a retry and a fallback across providers
+            mock_alias("claude-think", "anthropic/mock-claude-think", mock.base_url + "/extras"),
+            mock_alias("claude-cache", "anthropic/mock-claude-cached-2-cwrite-3", mock.base_url + "/extras",
+                       price={**PRICE, "cache_creation_input_token_cost": 1.25e-6}),
+            mock_alias("claude-errmid", "anthropic/mock-claude-errmid", mock.base_url + "/extras"),
+            {"name": "claude-retried", "strategy": "priority", "deployments": [
+                {"model": "anthropic/mock-claude-err-500", "api_base": an, "api_key_env": "MOCK_PROVIDER_KEY"},
+                {"model": "openai/mock-gpt-second", "api_base": oa, "api_key_env": "MOCK_PROVIDER_KEY"}]},
+            {**mock_alias("claude-falls-back", "anthropic/mock-claude-err-529", an), "fallbacks": ["claude-mock"]},
         ],
     }
 

@@ -371,6 +371,8 @@ class MockProvider:
         app.router.add_post("/v1/completions", mock_completions.handler(self))
         import mock_responses  # OpenAI /v1/responses (it imports this module, hence not at the top)
         app.router.add_post("/v1/responses", functools.partial(mock_responses.answer, self))
+        import mock_anthropic_extras  # imports this module: count_tokens, thinking, cache writes for /v1/messages
+        mock_anthropic_extras.register(app, self)
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()

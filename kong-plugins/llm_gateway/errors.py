@@ -84,6 +84,21 @@ def internal_error() -> GatewayError:
                         type="server_error", code="internal_error")
 
 
+class ProviderOverloaded(GatewayError):
+    """A provider that said it is overloaded (503, Anthropic's 529 or ``overloaded_error``): on OpenAI's wire the
+    same 502 ``provider_error`` as any provider failure (retried alike); Anthropic's endpoints answer it as
+    their clients expect, an ``overloaded_error``."""
+
+
+OVERLOADED_STATUSES = frozenset({503, 529})
+_OVERLOADED = re.compile(r"[\"']type[\"']\s*:\s*[\"']overloaded_error[\"']")
+
+
+def _failed_to_answer(overloaded: bool) -> GatewayError:
+    kind = ProviderOverloaded if overloaded else GatewayError
+    return kind(502, "The provider failed to answer.", type="server_error", code="provider_error")
+
+
 def scrub(text: str, limit: int = 500) -> str:
     """A provider message made safe to show: no URLs, nothing key-shaped, bounded length."""
     text = _ECHO.sub("", _LITELLM_PREFIX.sub("", text.strip()))
@@ -162,7 +177,7 @@ def from_provider_status(status: int, body: bytes, headers: Mapping[str, str]) -
     if status in (408, 504):
         return GatewayError(504, "The provider did not answer in time.", type="server_error",
                             code="provider_timeout")
-    return GatewayError(502, "The provider failed to answer.", type="server_error", code="provider_error")
+    return _failed_to_answer(status in OVERLOADED_STATUSES or code == "overloaded_error")
 
 
 def unsupported_parameters(names: Sequence[str], where: str = "the model behind this alias") -> GatewayError:
@@ -227,4 +242,7 @@ def from_provider_exception(exc: BaseException, sent: Iterable[str] = ()) -> Gat
     if isinstance(exc, litellm.BadRequestError | litellm.UnprocessableEntityError):
         return GatewayError(400, f"The provider rejected the request: {_provider_message(exc)}",
                             code="provider_rejected_request")
-    return GatewayError(502, "The provider failed to answer.", type="server_error", code="provider_error")
+    # LiteLLM reports Anthropic's 529 (and 503) as a 500 whose text carries Anthropic's error type
+    overloaded = getattr(exc, "status_code", None) in OVERLOADED_STATUSES \
+        or bool(_OVERLOADED.search(str(getattr(exc, "message", None) or exc)))
+    return _failed_to_answer(overloaded)

@@ -3,15 +3,17 @@ itself. A new endpoint is one module in api/ and one line here (and its route in
 
 from __future__ import annotations
 
-from llm_gateway.api import chat_completions, completions, models, responses
+from llm_gateway.api import chat_completions, completions, count_tokens, messages, models, responses
 from llm_gateway.api.base import DirectEndpoint, Endpoint
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     chat_completions.ENDPOINT,
     responses.ENDPOINT,
     completions.ENDPOINT,
+    messages.ENDPOINT,
 )
 
 DIRECT_ENDPOINTS: tuple[DirectEndpoint, ...] = (
     models.ENDPOINT, models.RETRIEVE_ENDPOINT,
+    count_tokens.ENDPOINT,
 )
