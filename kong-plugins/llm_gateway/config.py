@@ -24,7 +24,8 @@ DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 DEMO_PREFIX = "demo/"
 DEFAULT_RESERVATION_TOKENS = 1024
-PRICE_FIELDS = ("input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost")
+PRICE_FIELDS = ("input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost",
+                "cache_creation_input_token_cost")
 
 
 class ConfigError(ValueError):

@@ -221,10 +221,9 @@ def test_cache_reads_and_writes_are_accounted(client: anthropic.Anthropic, plugi
     record, = records_of(plugin_server, request_id)
     assert record["endpoint"] == "messages" and record["prompt_tokens"] == 8
     assert record["cached_tokens"] == 2 and record["cache_creation_tokens"] == 3 and record["cache_status"] == "hit"
-    # a route's price override has no cache-write price (config.PRICE_FIELDS): writes cost the input price here
-    # (LiteLLM's price map has Claude's own; tests/providers/test_messages_provider.py prices one)
+    # the alias's price override has its own cache-write price (1.25e-6, tests/conftest.py)
     expected = (3 * PRICE["input_cost_per_token"] + 2 * PRICE["cache_read_input_token_cost"]
-                + 3 * PRICE["input_cost_per_token"] + usage.output_tokens * PRICE["output_cost_per_token"])
+                + 3 * 1.25e-6 + usage.output_tokens * PRICE["output_cost_per_token"])
     assert record["cost_usd"] == pytest.approx(expected)
 
 

@@ -50,6 +50,9 @@ DEPLOYMENT_FIELDS: list[dict[str, Any]] = [
                                        "description": "USD per completion token (reasoning tokens included)."}},
             {"cache_read_input_token_cost": {"type": "number", "between": [0, 1],
                                              "description": "USD per prompt token read from the provider's cache."}},
+            {"cache_creation_input_token_cost": {
+                "type": "number", "between": [0, 1],
+                "description": "USD per prompt token written to the provider's cache (Anthropic's cache writes)."}},
         ],
     }},
 ]
