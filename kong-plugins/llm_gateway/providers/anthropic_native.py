@@ -13,6 +13,7 @@ gets the counts only ``message_start`` carried (older API versions, Bedrock), so
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,19 @@ from llm_gateway.providers.upstream import call_args
 USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
 TEXT_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 MIN_THINKING_BUDGET = 1024  # Anthropic's least budget_tokens
+
+
+class _LiteLLMsOwnCosting(logging.Filter):
+    """LiteLLM's pass-through prices every answer for its own (proxy) logging and, for a model its price map
+    lacks (a fine-tune, a new model, a self-hosted one), logs an ERROR with a traceback per request. The gateway
+    prices answers itself (accounting/prices.py, with the deployment's ``price``): that line is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.pathname.endswith("anthropic_passthrough_logging_handler.py")
+                    and record.getMessage().startswith("Error creating Anthropic response logging payload"))
+
+
+logging.getLogger("LiteLLM Proxy").addFilter(_LiteLLMsOwnCosting())
 
 
 def complete_usage(usage: dict[str, Any] | None, start: dict[str, Any] | None = None) -> dict[str, Any]:
