@@ -82,7 +82,8 @@ def _encoded(value: Any, encoding: str) -> tuple[list[float] | str, bool]:
     """(the embedding in ``encoding``, whether it had to change); ValueError/TypeError when it is no vector."""
     if isinstance(value, str):
         if encoding == "base64":
-            from_base64(value)  # a string that is not float32 base64 is no embedding
+            if len(base64.b64decode(value, validate=True)) % 4:  # a string that is no float32 base64 is no vector
+                raise ValueError("not float32 data")
             return value, False
         return from_base64(value), True
     if not isinstance(value, list) or not value:
