@@ -248,7 +248,8 @@ def test_record_json_is_flat_and_stable() -> None:
     data = _record("req-1", timestamp=1_700_000_000.5).to_json()
     assert data == {
         "request_id": "req-1", "timestamp": 1_700_000_000.5, "consumer": "alice", "consumer_id": "8f3a-1c0d",
-        "route": "chat", "alias": "chat-default", "provider": "openai", "model": "gpt-4o-mini", "stream": False,
+        "route": "chat", "endpoint": "chat.completions", "alias": "chat-default", "provider": "openai",
+        "model": "gpt-4o-mini", "stream": False,
         "status": 200, "error_code": None, "prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17,
         "cached_tokens": 3, "cache_creation_tokens": 0, "reasoning_tokens": 2, "estimated": False,
         "cost_usd": 1.25e-5, "latency_ms": 123.457, "ttft_ms": None, "attempts": 1, "cache_status": "none",

@@ -16,11 +16,10 @@ import re
 import time
 
 if os.environ.get("LLM_GATEWAY_TEST_FAULTS"):
-    from llm_gateway.accounting import ledger
-    from llm_gateway.listener import app as listener
+    from llm_gateway.api import chat_completions
 
-    _estimate_prompt_tokens = ledger.estimate_prompt_tokens
-    _parse_chat_request = listener.parse_chat_request
+    _estimate_prompt_tokens = chat_completions.estimate_prompt_tokens
+    _parse_chat_request = chat_completions.parse_chat_request
 
     def estimate_prompt_tokens(model, messages):  # type: ignore[no-untyped-def]
         if "FAULT:estimate" in repr(messages):
@@ -34,5 +33,5 @@ if os.environ.get("LLM_GATEWAY_TEST_FAULTS"):
             time.sleep(float(blocked.group(1)))
         return _parse_chat_request(body)
 
-    ledger.estimate_prompt_tokens = estimate_prompt_tokens
-    listener.parse_chat_request = parse_chat_request
+    chat_completions.estimate_prompt_tokens = estimate_prompt_tokens
+    chat_completions.parse_chat_request = parse_chat_request

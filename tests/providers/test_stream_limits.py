@@ -141,7 +141,7 @@ async def test_finish_never_raises_and_always_records(monkeypatch: pytest.Monkey
     odd = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": 1}]
     for broken in (False, True):
         chat = ChatRequest(model="m", stream=True, include_usage=False, params={"messages": odd})
-        ledger = Ledger(runtime, config, request_id=f"req-{broken}", consumer="alice", consumer_id=None, chat=chat,
+        ledger = Ledger(runtime, config, request_id=f"req-{broken}", consumer="alice", consumer_id=None, request=chat,
                         deployment=deployment, target=target_of(deployment), started=time.monotonic())
         await ledger.admit()
         ledger.first_byte = time.monotonic()
@@ -186,7 +186,7 @@ async def test_finish_completes_when_the_request_is_cancelled_mid_settlement(
     deployment = config.models["m"].deployments[0]
     chat = ChatRequest(model="m", stream=True, include_usage=False,
                        params={"messages": [{"role": "user", "content": "hi"}]})
-    ledger = Ledger(runtime, config, request_id="req-cancelled", consumer="alice", consumer_id=None, chat=chat,
+    ledger = Ledger(runtime, config, request_id="req-cancelled", consumer="alice", consumer_id=None, request=chat,
                     deployment=deployment, target=target_of(deployment), started=time.monotonic())
     await ledger.admit()
     ledger.first_byte = time.monotonic()

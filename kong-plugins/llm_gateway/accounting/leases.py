@@ -54,7 +54,8 @@ def lost_record(lease: ExpiredLease) -> UsageRecord:
         model=_str(meta.get("model")) or "", stream=meta.get("stream") is True, status=0, error_code=LOST_CODE,
         usage=usage, cost_usd=lease.usd_micro / MICRO if lease.usd_micro else None,
         latency_ms=(time.time() - admitted) * 1000 if isinstance(admitted, int | float) else 0.0, ttft_ms=None,
-        deployment=_str(meta.get("deployment")), truncated=True, lost=True)
+        deployment=_str(meta.get("deployment")), truncated=True, lost=True,
+        endpoint=_str(meta.get("endpoint")) or "chat.completions")
 
 
 async def sweep_once(store: RedisBudgetStore, sink: RecordSink) -> int:

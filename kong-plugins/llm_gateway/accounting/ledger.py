@@ -27,11 +27,10 @@ from llm_gateway.accounting.records import UsageRecord, cache_status, record_lin
 from llm_gateway.accounting.tokens import (
     TokenUsage,
     estimate_completion_tokens,
-    estimate_prompt_tokens,
     from_provider_usage,
     rough_tokens,
 )
-from llm_gateway.api.chat_completions import ChatRequest
+from llm_gateway.api.base import ApiRequest
 from llm_gateway.config import Deployment, GatewayConfig
 from llm_gateway.errors import GatewayError
 from llm_gateway.operations import tracing
@@ -43,7 +42,6 @@ from llm_gateway.runtime import Runtime
 log = logging.getLogger("llm_gateway.ledger")
 
 CAPPED_HEADER = "X-LLM-Max-Tokens-Capped"
-LIMIT_KEYS = ("max_tokens", "max_completion_tokens")
 
 
 def _headroom_headers(headroom: Headroom | None) -> dict[str, str]:
@@ -59,9 +57,10 @@ def _positive(value: Any) -> int | None:
 
 class Ledger:
     def __init__(self, runtime: Runtime, config: GatewayConfig, *, request_id: str, consumer: str | None,
-                 consumer_id: str | None, chat: ChatRequest, deployment: Deployment, target: Target,
+                 consumer_id: str | None, request: ApiRequest, deployment: Deployment, target: Target,
                  started: float) -> None:
-        self.runtime, self.config, self.chat, self.deployment, self.target = runtime, config, chat, deployment, target
+        self.runtime, self.config, self.request = runtime, config, request
+        self.deployment, self.target = deployment, target
         self.request_id, self.consumer, self.consumer_id, self.started = request_id, consumer, consumer_id, started
         self.usage = Usage(decorate=self._decorate_usage)
         self.prices = prices_for(deployment.model, deployment.price)
@@ -81,20 +80,23 @@ class Ledger:
     # -- before the provider call --------------------------------------------------------------------------
     def _lease(self, prompt: int) -> Lease:
         """What a sweeper needs to record this request as lost, should its node never settle it."""
-        seconds = self.config.limits.lease_seconds(self.config.routing, self.chat.stream)
+        seconds = self.config.limits.lease_seconds(self.config.routing, self.request.stream)
         meta = {"request_id": self.request_id, "consumer": self.consumer, "consumer_id": self.consumer_id,
-                "route": self.config.route_id, "alias": self.chat.model, "provider": self.target.provider,
-                "model": self.target.model, "deployment": self.deployment.id or None, "stream": self.chat.stream,
+                "route": self.config.route_id, "alias": self.request.model, "endpoint": self.request.endpoint,
+                "provider": self.target.provider,
+                "model": self.target.model, "deployment": self.deployment.id or None, "stream": self.request.stream,
                 "prompt": prompt, "admitted_at": round(time.time(), 3)}
         return Lease(self.request_id, time.time() + seconds, meta)
 
     def _cap(self, granted: int) -> dict[str, str]:
         """Send the provider no larger a completion limit than the reservation granted."""
-        params = self.chat.params
-        asked = [key for key in LIMIT_KEYS if _positive(params.get(key)) is not None]
+        params, limit_keys = self.request.params, self.request.limit_keys
+        if not limit_keys:  # nothing to cap (embeddings): the reservation is the prompt itself
+            return {}
+        asked = [key for key in limit_keys if _positive(params.get(key)) is not None]
         if asked and all(params[key] <= granted for key in asked):
             return {}
-        for key in asked or ["max_tokens"]:
+        for key in asked or limit_keys[:1]:
             params[key] = granted
         return {CAPPED_HEADER: str(granted)}
 
@@ -103,9 +105,10 @@ class Ledger:
         budgets = [b for b in self.config.budgets if b.applies_to(self.consumer, self.consumer_id)]
         headers: dict[str, str] = {}
         if budgets:
-            prompt = estimate_prompt_tokens(self.target.model, self.chat.params["messages"])
-            asked = [_positive(self.chat.params.get(key)) for key in LIMIT_KEYS]
-            completion = min((a for a in asked if a), default=self.config.budget_reservation_tokens)
+            prompt = self.request.prompt_tokens(self.target.model)
+            asked = [_positive(self.request.params.get(key)) for key in self.request.limit_keys]
+            completion = min((a for a in asked if a), default=self.config.budget_reservation_tokens) \
+                if self.request.limit_keys else 0  # an endpoint with no completion (embeddings) reserves its prompt
             estimate = TokenUsage(prompt=prompt, completion=completion, total=prompt + completion, cached=0,
                                   reasoning=0, estimated=True)
             usd = cost_usd(estimate, self.prices) or 0.0
@@ -180,7 +183,7 @@ class Ledger:
             return reported
         if self.provider_started is None or not (self.usage.chars or self.first_byte):
             return None  # nothing reached the provider, or it answered nothing: nothing to charge
-        prompt = estimate_prompt_tokens(self.target.model, self.chat.params["messages"])
+        prompt = self.request.prompt_tokens(self.target.model)
         completion = self._completion_tokens()
         return TokenUsage(prompt=prompt, completion=completion, total=prompt + completion, cached=0, reasoning=0,
                           estimated=True)
@@ -201,16 +204,16 @@ class Ledger:
                 cost: float | None, now: float) -> UsageRecord:
         return UsageRecord(
             request_id=self.request_id, consumer=self.consumer, consumer_id=self.consumer_id,
-            route=self.config.route_id, alias=self.chat.model, provider=self.target.provider,
+            route=self.config.route_id, alias=self.request.model, provider=self.target.provider,
             model=self.usage.model or self.target.model,
-            stream=self.chat.stream, status=status, error_code=error_code, usage=tokens, cost_usd=cost,
+            stream=self.request.stream, status=status, error_code=error_code, usage=tokens, cost_usd=cost,
             latency_ms=(now - self.started) * 1000,
             ttft_ms=(self.first_byte - self.started) * 1000 if self.first_byte else None, truncated=truncated,
             cache_status=cache_status(tokens), attempts=max(1, self.attempts),
             deployment=self.deployment.id or None, fallback=self.serving_alias,
             complexity_score=self.complexity[0] if self.complexity else None,
             complexity_choice=self.complexity[1] if self.complexity else None,
-            client_request_id=self.client_request_id)
+            client_request_id=self.client_request_id, endpoint=self.request.endpoint)
 
     async def _settle(self, tokens: TokenUsage | None, cost: float | None, line: str | None) -> None:
         """Settle the reservation (the lease keeps the record until the stream has it). Never raises: the
@@ -265,9 +268,9 @@ class Ledger:
             self.runtime.metrics.observe(record, overhead_s=overhead)
         except Exception:
             log.exception("could not observe the metrics of request %s", self.request_id)
-        tracing.finish_request(record, self.chat.params, self.usage)  # nothing when tracing is off; never raises
+        tracing.finish_request(record, self.request.params, self.usage)  # nothing when tracing is off; never raises
         headers = _headroom_headers(self.headroom)
-        if tokens is not None and not self.chat.stream:
+        if tokens is not None and not self.request.stream:
             headers.update({"X-LLM-Prompt-Tokens": str(tokens.prompt),
                             "X-LLM-Completion-Tokens": str(tokens.completion),
                             "X-LLM-Total-Tokens": str(tokens.total)})

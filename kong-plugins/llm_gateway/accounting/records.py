@@ -67,6 +67,7 @@ class UsageRecord:
     lost: bool = False  # written by a sweeper for a request whose node never settled it: an upper bound
     timestamp: float = field(default_factory=time.time)
     client_request_id: str | None = None  # the client's own X-Request-ID (the gateway's id is request_id)
+    endpoint: str = "chat.completions"  # the API the client called (api/registry.py)
 
     def to_json(self) -> dict[str, Any]:
         """Flat, stable field names; token counts are 0 when nothing was used (``usage`` None);
@@ -78,6 +79,7 @@ class UsageRecord:
             "consumer": self.consumer,
             "consumer_id": self.consumer_id,
             "route": self.route,
+            "endpoint": self.endpoint,
             "alias": self.alias,
             "provider": self.provider,
             "model": self.model,

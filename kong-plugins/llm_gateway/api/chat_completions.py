@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llm_gateway.accounting.tokens import estimate_prompt_tokens
+from llm_gateway.api.base import OPENAI_ERRORS
+from llm_gateway.config import Deployment
 from llm_gateway.errors import GatewayError, bad_request
+from llm_gateway.providers import chat
+from llm_gateway.providers.openai_compatible import Usage
 
 MAX_NESTING = 64  # JSON levels; OpenAI allows 10 levels of nesting in a strict schema
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -250,6 +255,11 @@ class ChatRequest:
     include_usage: bool  # the client asked for the usage chunk (it is always requested upstream)
     params: dict[str, Any]  # messages and the parameters set (not null), as given; for streams, the client's
     # stream_options other than include_usage (which is always requested upstream)
+    endpoint: str = "chat.completions"
+    limit_keys: tuple[str, ...] = ("max_tokens", "max_completion_tokens")
+
+    def prompt_tokens(self, model: str) -> int:
+        return estimate_prompt_tokens(model, self.params["messages"])
 
 
 def _part_error(part: Any, allowed: frozenset[str]) -> tuple[str, str] | None:
@@ -429,3 +439,25 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     return ChatRequest(model=model, stream=stream,
                        include_usage=bool(stream and stream_options and stream_options.get("include_usage")),
                        params=params)
+
+
+class ChatCompletions:
+    """``POST /v1/chat/completions``: OpenAI's format in and out, on every provider (providers/chat.py)."""
+
+    name = "chat.completions"
+    path = "/v1/chat/completions"
+    errors = OPENAI_ERRORS
+    stream_end = b"data: [DONE]\n\n"
+
+    def parse(self, body: bytes) -> ChatRequest:
+        return parse_chat_request(body)
+
+    async def complete(self, deployment: Deployment, request: ChatRequest, usage: Usage) -> bytes:  # type: ignore[override]
+        return await chat.complete(deployment, request.params, usage)
+
+    async def open_stream(self, deployment: Deployment, request: ChatRequest,  # type: ignore[override]
+                          usage: Usage) -> AsyncIterator[bytes]:
+        return await chat.open_stream(deployment, request.params, request.include_usage, usage)
+
+
+ENDPOINT = ChatCompletions()

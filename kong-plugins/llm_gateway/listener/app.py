@@ -1,5 +1,9 @@
 """The loopback HTTP listener Kong proxies LLM requests to: ticket check, validation, provider call, answer.
 
+Every endpoint of ``api/registry.py`` is served here by one pipeline: body, ticket, the alias and the
+consumer's access to it, budgets, routing (retries, fallbacks), the answer (JSON or SSE), one settlement. An
+endpoint contributes only its wire (``api/base.py``); errors are written in its clients' format.
+
 Answering here rather than through ``kong.response.exit`` is what lets SSE stream: Kong proxies whatever this
 listener writes, chunk by chunk, and keeps the client connection to itself (see docs/architecture.md).
 
@@ -22,14 +26,22 @@ from typing import TypeVar
 from aiohttp import web
 
 from llm_gateway.accounting.ledger import Ledger
-from llm_gateway.api.chat_completions import ChatRequest, parse_chat_request
+from llm_gateway.api import registry
+from llm_gateway.api.base import (
+    ANTHROPIC_ERRORS,
+    OPENAI_ERRORS,
+    Admitted,
+    ApiRequest,
+    DirectEndpoint,
+    Endpoint,
+    ErrorFormat,
+)
 from llm_gateway.config import Alias, Deployment, GatewayConfig
 from llm_gateway.errors import GatewayError, from_provider_exception, internal_error
 from llm_gateway.kong import ticket
 from llm_gateway.listener import content_encoding
 from llm_gateway.listener.strict_server import HEADER_TIMEOUT, StrictAppRunner, set_server_header
 from llm_gateway.operations import logs, tracing
-from llm_gateway.providers import chat as providers
 from llm_gateway.providers.upstream import target_of
 from llm_gateway.routing.complexity import score_request
 from llm_gateway.routing.router import Routed
@@ -60,9 +72,9 @@ def client_request_id_of(request: web.Request) -> str | None:
     return value or None
 
 
-def error_response(err: GatewayError, headers: dict[str, str]) -> web.Response:
+def error_response(err: GatewayError, headers: dict[str, str], errors: ErrorFormat = OPENAI_ERRORS) -> web.Response:
     extra = {k: v for k, v in err.headers.items() if k.lower() != "connection"}
-    response = web.Response(status=err.status, text=err.json(), content_type="application/json",
+    response = web.Response(status=err.status, text=errors.body(err), content_type="application/json",
                             headers={**headers, **extra})
     if err.headers.get("Connection", "").lower() == "close":
         response.force_close()
@@ -77,6 +89,7 @@ class _Exchange:
     ``status`` and friends are what ``_settle`` records when the request ends."""
 
     headers: dict[str, str]
+    errors: ErrorFormat = OPENAI_ERRORS
     started: float = field(default_factory=time.monotonic)
     ledger: Ledger | None = None
     settled: bool = False
@@ -95,16 +108,34 @@ class _Exchange:
         self.status, self.error_code, self.truncated = status, error_code, truncated
 
 
+def _exists(endpoints: tuple[Endpoint, ...], direct: tuple[DirectEndpoint, ...]) -> str:
+    """The endpoints that exist, as a 404 names them."""
+    served = [f"POST {e.path}" for e in endpoints] + [f"{d.method} {d.path.split('{')[0]}{{id}}" if "{" in d.path
+                                                      else f"{d.method} {d.path}" for d in direct]
+    return ", ".join(served)
+
+
+def errors_for_path(path: str) -> ErrorFormat:
+    """The error format a client of this path expects when no endpoint took the request (404, 405): Anthropic's
+    under /v1/messages, OpenAI's elsewhere."""
+    return ANTHROPIC_ERRORS if path == "/v1/messages" or path.startswith("/v1/messages/") else OPENAI_ERRORS
+
+
 class Listener:
-    """The aiohttp application serving ``POST /v1/chat/completions`` for requests Kong has admitted."""
+    """The aiohttp application serving every endpoint of ``api/registry.py`` for requests Kong has admitted."""
 
     def __init__(self, runtime: Runtime, *, header_timeout: float = HEADER_TIMEOUT,
-                 body_timeout: float = BODY_TIMEOUT) -> None:
+                 body_timeout: float = BODY_TIMEOUT, endpoints: tuple[Endpoint, ...] = registry.ENDPOINTS,
+                 direct: tuple[DirectEndpoint, ...] = registry.DIRECT_ENDPOINTS) -> None:
         self.runtime = runtime
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.app = web.Application(client_max_size=MAX_BODY_CEILING, middlewares=[self._http_errors])
-        self.app.router.add_post("/v1/chat/completions", self.chat_completions)
+        for endpoint in direct:  # before the LLM endpoints: /v1/messages/count_tokens is not /v1/messages
+            self.app.router.add_route(endpoint.method, endpoint.path, self._direct_handler(endpoint))
+        for llm in endpoints:
+            self.app.router.add_post(llm.path, self._llm_handler(llm))
+        self.existing = _exists(endpoints, direct)
         self.app.on_response_prepare.append(set_server_header)
 
     def make_runner(self, **kwargs: object) -> web.AppRunner:
@@ -116,7 +147,7 @@ class Listener:
     @web.middleware
     async def _http_errors(self, request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """aiohttp's own answers (no such route, wrong method) in OpenAI's error shape, and counted."""
+        """aiohttp's own answers (no such route, wrong method) in the path's error format, and counted."""
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -129,12 +160,12 @@ class Listener:
                 err = GatewayError(405, f"{echo(request.method, 32)} is not allowed on {echo(request.path)}; use "
                                    f"{allowed}.", code="method_not_allowed")
             elif isinstance(exc, web.HTTPNotFound):
-                err = GatewayError(404, f"No LLM endpoint at {echo(request.method, 32)} {echo(request.path)}.",
-                                   code="unknown_url")
+                err = GatewayError(404, f"No endpoint at {echo(request.method, 32)} {echo(request.path)}. This "
+                                   f"gateway serves: {self.existing}.", code="unknown_url")
             else:
                 err = GatewayError(exc.status, exc.reason, code=None)
             self.runtime.metrics.answered(err.status)
-            return error_response(err, headers)
+            return error_response(err, headers, errors_for_path(request.path))
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The raw body, as Kong forwarded it (the ticket is minted over these bytes), within body_timeout."""
@@ -168,67 +199,100 @@ class Listener:
                                code="request_too_large")
         return config, claims
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    def _exchange(self, request: web.Request, errors: ErrorFormat) -> _Exchange:
         kong_id = request.headers.get("X-Kong-Request-Id", "")[:64]  # Kong's is 32 hex digits; a bypass may send any
-        ex = _Exchange(headers={"X-Request-ID": kong_id or uuid.uuid4().hex})
+        ex = _Exchange(headers={"X-Request-ID": kong_id or uuid.uuid4().hex}, errors=errors)
         logs.request_id.set(ex.request_id)  # every log line of this request's task carries it
-        tracing.start_request(request.headers, ex.request_id)  # nothing when tracing is off
         client_request_id = client_request_id_of(request)
         if client_request_id:  # Kong's id stays X-Request-ID; the client's own is echoed, not lost
             ex.headers["X-Client-Request-ID"] = client_request_id
-        try:
-            return await self._chat_completions(request, ex)
-        except GatewayError as err:
-            return await self._fail(ex, err)
-        except (ConnectionError, asyncio.CancelledError):
-            ex.told(499, "client_disconnected", truncated=ex.response is not None)
-            log.info("request %s: the client left before the answer", ex.request_id)
-            raise
-        except Exception:
-            log.exception("request %s failed", ex.request_id)
-            return await self._fail(ex, internal_error())
-        finally:
-            await self._settle(ex)
+        return ex
 
-    async def _chat_completions(self, request: web.Request, ex: _Exchange) -> web.StreamResponse:
+    def _llm_handler(self, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            ex = self._exchange(request, endpoint.errors)
+            tracing.start_request(request.headers, ex.request_id)  # nothing when tracing is off
+            try:
+                return await self._serve(request, endpoint, ex)
+            except GatewayError as err:
+                return await self._fail(ex, err)
+            except (ConnectionError, asyncio.CancelledError):
+                ex.told(499, "client_disconnected", truncated=ex.response is not None)
+                log.info("request %s: the client left before the answer", ex.request_id)
+                raise
+            except Exception:
+                log.exception("request %s failed", ex.request_id)
+                return await self._fail(ex, internal_error())
+            finally:
+                await self._settle(ex)
+        return handle
+
+    def _direct_handler(self, endpoint: DirectEndpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            ex = self._exchange(request, endpoint.errors)
+            try:
+                raw = await self._read_body(request)
+                config, claims = self._admit(request, raw)
+                ex.consumer = claims.consumer_username or claims.consumer_id or ""
+                body = await content_encoding.decode(raw, request.headers.get("Content-Encoding"),
+                                                     config.max_body_bytes)
+                admitted = Admitted(config=config, consumer_username=claims.consumer_username or None,
+                                    consumer_id=claims.consumer_id or None, body=body, request_id=ex.request_id,
+                                    match=dict(request.match_info))
+                answer = await endpoint.answer(admitted)
+                ex.told(200)
+                return web.Response(status=200, body=answer, content_type="application/json", headers=ex.headers)
+            except GatewayError as err:
+                ex.told(err.status, err.code)
+                return error_response(err, ex.headers, endpoint.errors)
+            except Exception:
+                log.exception("request %s failed", ex.request_id)
+                err = internal_error()
+                ex.told(err.status, err.code)
+                return error_response(err, ex.headers, endpoint.errors)
+            finally:
+                self.runtime.metrics.answered(ex.status, consumer=ex.consumer, alias=ex.alias)
+        return handle
+
+    async def _serve(self, request: web.Request, endpoint: Endpoint, ex: _Exchange) -> web.StreamResponse:
         headers = ex.headers
         raw = await self._read_body(request)
         config, claims = self._admit(request, raw)
         ex.consumer = claims.consumer_username or claims.consumer_id or ""
         body = await content_encoding.decode(raw, request.headers.get("Content-Encoding"), config.max_body_bytes)
-        chat = parse_chat_request(body)
+        api = endpoint.parse(body)
         consumer = claims.consumer_username or claims.consumer_id or None
-        alias = config.models.get(chat.model)
+        alias = config.models.get(api.model)
         if alias is None:
-            raise GatewayError(404, f"The model '{echo(chat.model)}' does not exist on this route.",
+            raise GatewayError(404, f"The model '{echo(api.model)}' does not exist on this route.",
                                param="model", code="model_not_found")
         ex.alias = alias.name
         if not config.allowed(alias.name, claims.consumer_username, claims.consumer_id):
-            raise GatewayError(403, f"This consumer may not use the model '{echo(chat.model)}'.",
+            raise GatewayError(403, f"This consumer may not use the model '{echo(api.model)}'.",
                                type="permission_error", param="model", code="model_not_allowed")
         complexity = None
         if alias.complexity is not None:
-            complexity = score_request(chat.params)
+            complexity = score_request(api.params)  # never raises; a body without messages scores low
             strong = complexity.score >= alias.complexity.threshold
             alias = config.models[alias.complexity.strong if strong else alias.complexity.weak]
             headers["X-LLM-Complexity"] = f"{complexity.score:.3f}; routed={alias.name}"
         first = alias.deployments[0]
         ledger = ex.ledger = Ledger(self.runtime, config, request_id=ex.request_id, consumer=consumer,
-                                    consumer_id=claims.consumer_id or None, chat=chat, deployment=first,
+                                    consumer_id=claims.consumer_id or None, request=api, deployment=first,
                                     target=target_of(first), started=ex.started)
         if complexity is not None:
             ledger.complexity = (complexity.score, alias.name)
         ledger.client_request_id = headers.get("X-Client-Request-ID")
         headers.update(await ledger.admit())  # 429/503 when the consumer's budgets say no (recorded)
-        return await self._answer(request, config, alias, chat, ex)
+        return await self._answer(request, config, alias, endpoint, api, ex)
 
     async def _fail(self, ex: _Exchange, err: GatewayError) -> web.StreamResponse:
         """The answer for a request that failed: an error response, or, when a stream has already begun (its
         status line is out), an error event ending that stream: never a second response inside the first."""
         if ex.response is None:
             ex.told(err.status, err.code)
-            return error_response(err, ex.headers)
-        await _end_stream(ex.response, err)
+            return error_response(err, ex.headers, ex.errors)
+        await _end_stream(ex.response, err, ex.errors)
         return ex.response
 
     async def _finish(self, ex: _Exchange) -> dict[str, str]:
@@ -256,7 +320,7 @@ class Listener:
         with contextlib.suppress(Exception):
             tracing.end_request(ex.status, ex.error_code)
 
-    async def _route(self, config: GatewayConfig, alias: Alias, chat: ChatRequest, ex: _Exchange,
+    async def _route(self, config: GatewayConfig, alias: Alias, api: ApiRequest, ex: _Exchange,
                      call: Callable[[Deployment], Awaitable[T]]) -> Routed[T]:
         """Retries and fallbacks happen here, before any byte reaches the client; the headers say how it went."""
         ledger, headers = ex.ledger, ex.headers
@@ -282,17 +346,16 @@ class Listener:
                         "X-LLM-Deployment": routed.deployment.id, "X-LLM-Attempts": str(routed.attempts)})
         if routed.fallback:
             headers["X-LLM-Fallback"] = routed.fallback
-            self.runtime.metrics.fallback(chat.model, target_of(alias.deployments[0]).provider,
+            self.runtime.metrics.fallback(api.model, target_of(alias.deployments[0]).provider,
                                           target.provider)
         return routed
 
-    async def _answer(self, request: web.Request, config: GatewayConfig, alias: Alias, chat: ChatRequest,
-                      ex: _Exchange) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, config: GatewayConfig, alias: Alias, endpoint: Endpoint,
+                      api: ApiRequest, ex: _Exchange) -> web.StreamResponse:
         ledger, headers = ex.ledger, ex.headers
         assert ledger is not None
-        if not chat.stream:
-            routed = await self._route(config, alias, chat, ex,
-                                       lambda d: providers.complete(d, chat.params, ledger.usage))
+        if not api.stream:
+            routed = await self._route(config, alias, api, ex, lambda d: endpoint.complete(d, api, ledger.usage))
             try:
                 if request.transport is None or request.transport.is_closing():
                     ex.told(499, "client_disconnected")  # Kong closed the connection: its client left (charged)
@@ -303,8 +366,7 @@ class Listener:
                 await _quietly(routed.done(ledger.total_tokens), "releasing the deployment", ex)
             return web.Response(status=200, body=routed.result, content_type="application/json", headers=headers)
         # a provider failing before its first event fails inside the router, while a status code can still say so
-        streamed = await self._route(config, alias, chat, ex, lambda d: providers.open_stream(
-            d, chat.params, chat.include_usage, ledger.usage))
+        streamed = await self._route(config, alias, api, ex, lambda d: endpoint.open_stream(d, api, ledger.usage))
         events = streamed.result
         ledger.first_byte = time.monotonic()
         response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
@@ -314,7 +376,8 @@ class Listener:
             ex.told(200)
             async for event in ledger.guard(events):  # stream limits and the reservation (providers/stream_limits.py)
                 await response.write(event)
-            await response.write(b"data: [DONE]\n\n")
+            if endpoint.stream_end:
+                await response.write(endpoint.stream_end)
             await response.write_eof()
         except (ConnectionError, asyncio.CancelledError) as exc:
             ex.told(499, "client_disconnected", truncated=True)  # nginx's code for a client that left
@@ -328,7 +391,7 @@ class Listener:
             log.warning("stream %s failed after the first byte: %s", ex.request_id, err.code)
             if ex.response is None:
                 raise  # the stream never started: an ordinary error response can still say so
-            await _end_stream(response, err)
+            await _end_stream(response, err, ex.errors)
         finally:
             await _quietly(events.aclose(), "closing the provider stream", ex)  # stop reading from the provider
             await self._finish(ex)
@@ -336,11 +399,11 @@ class Listener:
         return response
 
 
-async def _end_stream(response: web.StreamResponse, err: GatewayError) -> None:
-    """End a begun SSE stream with an error event and a proper end of the chunked body; a client already gone
-    is no error."""
+async def _end_stream(response: web.StreamResponse, err: GatewayError, errors: ErrorFormat) -> None:
+    """End a begun SSE stream with an error event (in the endpoint's format) and a proper end of the chunked
+    body; a client already gone is no error."""
     with contextlib.suppress(Exception):
-        await response.write(b"data: " + err.json().encode() + b"\n\n")
+        await response.write(errors.stream_event(err))
     with contextlib.suppress(Exception):
         await response.write_eof()
 

@@ -1,0 +1,14 @@
+"""The endpoints the listener serves: LLM endpoints through the common pipeline, and those the gateway answers
+itself. A new endpoint is one module in api/ and one line here (and its route in kong.yml)."""
+
+from __future__ import annotations
+
+from llm_gateway.api import chat_completions
+from llm_gateway.api.base import DirectEndpoint, Endpoint
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    chat_completions.ENDPOINT,
+)
+
+DIRECT_ENDPOINTS: tuple[DirectEndpoint, ...] = (
+)
