@@ -126,7 +126,7 @@ def gateway_config(mock: MockProvider) -> dict[str, Any]:
             mock_alias("embed-cohere-v4", "cohere/embed-v4.0", f"{mock.base_url}/v2/embed"),
             {**mock_alias("embed-cohere-lenient", "cohere/embed-english-v3.0", f"{mock.base_url}/v2/embed"),
              "drop_params": True},
-            {"name": "embed-retried", "deployments": [
+            {"name": "embed-retried", "strategy": "priority", "deployments": [
                 {"model": "cohere/mock-embed-retried-err-500-v3", "api_base": f"{mock.base_url}/v2/embed",
                  "api_key_env": "MOCK_PROVIDER_KEY"},
                 {"model": "openai/mock-embed-second", "api_base": oa, "api_key_env": "MOCK_PROVIDER_KEY"}]},

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import struct
@@ -181,5 +182,5 @@ async def cohere_embed(mock: MockProvider, request: web.Request) -> web.Response
 
 def add_routes(app: web.Application, mock: MockProvider) -> None:
     """The embedding routes, before the mock's catch-all."""
-    app.router.add_post("/v1/embeddings", lambda request: openai_embeddings(mock, request))
-    app.router.add_post("/v2/embed", lambda request: cohere_embed(mock, request))
+    app.router.add_post("/v1/embeddings", functools.partial(openai_embeddings, mock))
+    app.router.add_post("/v2/embed", functools.partial(cohere_embed, mock))

@@ -185,7 +185,7 @@ def test_cohere_is_spoken_on_its_own_wire_and_answered_in_openais(
     assert sent.body == {"model": "embed-english-v3.0", "texts": texts, "input_type": "search_document",
                          "embedding_types": ["float"]}
     assert raw.headers["X-LLM-Provider"] == "cohere"
-    price = litellm.model_cost["cohere/embed-english-v3.0"]["input_cost_per_token"]
+    price = litellm.model_cost["embed-english-v3.0"]["input_cost_per_token"]
     assert float(raw.headers["X-LLM-Cost-USD"]) == pytest.approx(7 * price, abs=1e-8)
     record = wait_for_record(plugin_server, raw.headers["X-Request-ID"])
     assert record["endpoint"] == "embeddings" and record["provider"] == "cohere"

@@ -98,7 +98,7 @@ def openai_answer(data: Any, count: int, encoding: str, model: str, usage: Usage
                   estimate: Estimate) -> dict[str, Any] | None:
     """The provider's answer made OpenAI's, in place, or None when it already was (its bytes can be relayed).
     Raises the 502 for an answer that is no list of ``count`` embeddings. ``usage`` gets what was reported;
-    when nothing was, the answer carries the gateway's count (and the ledger marks it estimated)."""
+    when nothing was, the gateway's count, marked estimated (accounting/tokens.py), which the answer carries."""
     items = data.get("data") if isinstance(data, dict) else None
     if not isinstance(items, list) or len(items) != count or not all(isinstance(i, dict) for i in items):
         raise _malformed()
@@ -129,9 +129,10 @@ def openai_answer(data: Any, count: int, encoding: str, model: str, usage: Usage
             reported["total_tokens"] = prompt
             changed = True
         usage.usage = reported
-    else:
+    else:  # the gateway's count, in the answer (the schema requires it) and, marked estimated, for the ledger
         tokens = estimate(model)
         data["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        usage.usage = {**data["usage"], "estimated": True}
         changed = True
     return data if changed else None
 
