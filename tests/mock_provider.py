@@ -47,6 +47,7 @@ words of the JSON arguments) + reasoning tokens; total = prompt + completion. An
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import re
@@ -364,10 +365,15 @@ class MockProvider:
             return [r for r in self.requests if r.body and marker in json.dumps(r.body)]
 
     async def _serve(self) -> None:
+        import mock_completions  # OpenAI's legacy text completions (its own module: it imports this one)
+
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
         mock_embeddings.add_routes(app, self)  # /v1/embeddings (OpenAI), /v2/embed (Cohere)
+        app.router.add_post("/v1/completions", mock_completions.handler(self))
+        import mock_responses  # OpenAI /v1/responses (it imports this module, hence not at the top)
+        app.router.add_post("/v1/responses", functools.partial(mock_responses.answer, self))
         app.router.add_route("*", "/{tail:.*}", self._unknown)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()

@@ -84,8 +84,7 @@ def declarative_config(listener_port: int, mock_base: str, extra_models: list[di
     doc = yaml.safe_load((ROOT / "kong.yml").read_text())
     service = doc["services"][0]
     service["url"] = f"http://127.0.0.1:{listener_port}"
-    route = service["routes"][0]
-    plugins = {p["name"]: p for p in route["plugins"]}
+    plugins = {p["name"]: p for p in service["plugins"]}
     plugins["rate-limiting"]["config"]["minute"] = 1_000_000
     for budget in plugins["llm-gateway"]["config"].get("budgets") or ():
         budget["tokens"] = 100_000_000  # what the tests send must not run into the demo budgets
@@ -101,6 +100,7 @@ def declarative_config(listener_port: int, mock_base: str, extra_models: list[di
     service["routes"].append(variant("tight", "/tight", [*copy.deepcopy(front_door), tight,
                                                          copy.deepcopy(plugins["llm-gateway"])]))
     short = copy.deepcopy(service)
+    short.pop("plugins")  # its route brings its own chain
     short.update(name="short-read-timeout", read_timeout=4000,
                  routes=[variant("short", "/short", [*copy.deepcopy(front_door),
                                                      copy.deepcopy(plugins["llm-gateway"])])])

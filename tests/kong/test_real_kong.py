@@ -296,7 +296,7 @@ def test_kong_reload_with_a_changed_alias_list(kong: RealKong) -> None:
     old instances are closed, and Kong logs no error of ours."""
     log_before = len(kong.error_log())
     doc = json.loads(json.dumps(kong.doc))  # type: ignore[attr-defined]
-    gateway = next(p for p in doc["services"][0]["routes"][0]["plugins"] if p["name"] == "llm-gateway")
+    gateway = next(p for p in doc["services"][0]["plugins"] if p["name"] == "llm-gateway")
     gateway["config"]["models"].append({"name": "reloaded", "deployments": [{"model": "demo/reloaded"}]})
     stream_words: list[str] = []
 
@@ -338,7 +338,7 @@ def test_kong_reload_with_a_changed_alias_list(kong: RealKong) -> None:
 
 
 def _bad_api_key(doc: dict[str, Any]) -> None:
-    gateway = next(p for p in doc["services"][0]["routes"][0]["plugins"] if p["name"] == "llm-gateway")
+    gateway = next(p for p in doc["services"][0]["plugins"] if p["name"] == "llm-gateway")
     gateway["config"]["models"][0]["deployments"][0]["api_key"] = "a-literal-value-not-a-vault-reference"
 
 
@@ -416,7 +416,7 @@ def test_kongs_prometheus_plugin_counts_the_llm_route(kong: RealKong) -> None:
                       timeout=30).status_code == 200
     status, text = kong.inside_get(f"http://127.0.0.1:{kong.ports.admin}/metrics")
     assert status == 200
-    assert any(line.startswith("kong_http_requests_total{") and 'route="chat-completions"' in line
+    assert any(line.startswith("kong_http_requests_total{") and 'route="llm-api"' in line
                and 'code="200"' in line for line in text.splitlines()), text[:2000]
     kong.metric_names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()  # type: ignore[attr-defined]
                          if line and not line.startswith("#")}

@@ -171,10 +171,17 @@ def test_config_key_ignores_kongs_markers() -> None:
 
 
 def test_shipped_kong_yml_is_valid() -> None:
-    """kong.yml: key-auth and rate-limiting in front of our plugin, whose config Kong would accept."""
+    """kong.yml: key-auth and rate-limiting in front of our plugin, whose config Kong would accept, on the
+    Service, so that every endpoint's route shares them; each route's methods are its endpoints' own."""
     doc = yaml.safe_load((ROOT / "kong.yml").read_text())
     assert doc["_format_version"] == "3.0"
-    plugins = [p for s in doc["services"] for r in s.get("routes", []) for p in r.get("plugins", [])]
+    service = doc["services"][0]
+    assert not [r for r in service["routes"] if r.get("plugins")], "a route's own plugins would override the chain"
+    assert {r["name"]: (r["methods"], r["paths"]) for r in service["routes"]} == {
+        "llm-api": (["POST"], ["/v1/chat/completions", "/v1/embeddings", "/v1/messages", "/v1/responses",
+                               "/v1/completions"]),
+        "llm-models": (["GET"], ["/v1/models"])}
+    plugins = service["plugins"]
     names = [p["name"] for p in plugins]
     assert {"key-auth", "rate-limiting", "llm-gateway"} <= set(names)
     ours = next(p for p in plugins if p["name"] == "llm-gateway")
@@ -206,7 +213,7 @@ def _shipped() -> dict:
 
 
 def _ours(doc: dict) -> dict:
-    return next(p for p in doc["services"][0]["routes"][0]["plugins"] if p["name"] == "llm-gateway")["config"]
+    return next(p for p in doc["services"][0]["plugins"] if p["name"] == "llm-gateway")["config"]
 
 
 BAD_FILES = {
@@ -229,7 +236,7 @@ def test_check_refuses_a_bad_kong_yml_naming_the_field(case: str, tmp_path: Path
     path.write_text(yaml.safe_dump(doc))
     result = _run_check(path)
     assert result.returncode == 1
-    assert f"{path}: services[0].routes[0].plugins[" in result.stderr and expected in result.stderr, result.stderr
+    assert f"{path}: services[0].plugins[" in result.stderr and expected in result.stderr, result.stderr
 
 
 def test_check_finds_the_plugin_wherever_deck_allows_it(tmp_path: Path) -> None:

@@ -76,8 +76,9 @@ def from_provider_usage(usage: Mapping | None) -> TokenUsage | None:
       ``prompt_tokens_details.cache_creation_tokens``;
     * Anthropic raw: ``input_tokens`` (excluding cache reads and writes), ``output_tokens``,
       ``cache_read_input_tokens``, ``cache_creation_input_tokens``;
-    * OpenAI Responses API: ``input_tokens`` (including cached), ``input_tokens_details.cached_tokens``,
-      ``output_tokens``, ``output_tokens_details.reasoning_tokens``;
+    * OpenAI Responses API: ``input_tokens`` (including cached and cache writes),
+      ``input_tokens_details.cached_tokens`` / ``.cache_write_tokens``, ``output_tokens``,
+      ``output_tokens_details.reasoning_tokens``;
     * the gateway's own count where the provider reported none and the answer needs one (OpenAI's schema
       requires ``usage`` on embeddings): any of the above with ``"estimated": true``, recorded as estimated.
     """
@@ -95,7 +96,8 @@ def from_provider_usage(usage: Mapping | None) -> TokenUsage | None:
     prompt, completion = prompt or 0, completion or 0
     cached = _first(_detail(usage, "prompt_tokens_details", "cached_tokens"),
                     _detail(usage, "input_tokens_details", "cached_tokens"), cache_read) or 0
-    creation = _first(cache_write, _detail(usage, "prompt_tokens_details", "cache_creation_tokens")) or 0
+    creation = _first(cache_write, _detail(usage, "prompt_tokens_details", "cache_creation_tokens"),
+                      _detail(usage, "input_tokens_details", "cache_write_tokens")) or 0
     reasoning = _first(_detail(usage, "completion_tokens_details", "reasoning_tokens"),
                        _detail(usage, "output_tokens_details", "reasoning_tokens")) or 0
     cached = min(cached, prompt)

@@ -3,13 +3,16 @@ itself. A new endpoint is one module in api/ and one line here (and its route in
 
 from __future__ import annotations
 
-from llm_gateway.api import chat_completions, embeddings
+from llm_gateway.api import chat_completions, completions, embeddings, models, responses
 from llm_gateway.api.base import DirectEndpoint, Endpoint
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     chat_completions.ENDPOINT,
+    responses.ENDPOINT,
+    completions.ENDPOINT,
     embeddings.ENDPOINT,
 )
 
 DIRECT_ENDPOINTS: tuple[DirectEndpoint, ...] = (
+    models.ENDPOINT, models.RETRIEVE_ENDPOINT,
 )

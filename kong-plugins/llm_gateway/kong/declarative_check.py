@@ -4,7 +4,7 @@ Kong would check it against our schema and then as the plugin server would parse
 Why our own: on Kong 3.9 ``kong config parse`` crashes whenever an external plugin server is configured
 (``plugin_servers/init.lua``: ``attempt to index upvalue 'kong'``, the bug of Kong/kong#7583), so an image
 build cannot use it; ``kong start`` does check the whole file, but only when Kong starts. This check names
-the bad field (``services[0].routes[0].plugins[2] (llm-gateway): config.models[0].deployments[0].api_key:
+the bad field (``services[0].plugins[3] (llm-gateway): config.models[0].deployments[0].api_key:
 should start with: {vault://``) and exits non-zero, so ``docker build`` fails on a bad kong.yml. Vault
 references stand for values Kong resolves at start; they are checked as placeholders.
 """

@@ -92,6 +92,43 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI's legacy text completions: the prompt (a string; anything else as one message) echoed back."""
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        return web.json_response({"error": {"message": "The request body must be a JSON object.",
+                                            "type": "invalid_request_error", "param": None,
+                                            "code": "invalid_json"}}, status=400)
+    prompt = body.get("prompt")
+    texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
+    text = " ".join(t for t in texts if isinstance(t, str))
+    pieces, prompt_tokens = _reply({"messages": [{"role": "user", "content": text}],
+                                    "max_tokens": body.get("max_tokens")})
+    base = {"id": f"cmpl-demo-{uuid.uuid4().hex[:12]}", "object": "text_completion", "created": int(time.time()),
+            "model": body.get("model", "demo")}
+    if not body.get("stream"):
+        return web.json_response({**base, "choices": [{"index": 0, "text": "".join(pieces), "logprobs": None,
+                                                       "finish_reason": "stop"}],
+                                  "usage": _usage(prompt_tokens, len(pieces))})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+        await response.write(b"data: " + json.dumps({**base, "choices": choices, **extra}).encode() + b"\n\n")
+
+    for piece in pieces:
+        await asyncio.sleep(WORD_DELAY)
+        await send([{"index": 0, "text": piece, "logprobs": None, "finish_reason": None}])
+    await send([{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}])
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await send([], usage=_usage(prompt_tokens, len(pieces)))
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
 def _invalid(message: str, param: str | None = None) -> web.Response:
     return web.json_response({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                         "code": None}}, status=400)
@@ -159,5 +196,6 @@ async def embeddings(request: web.Request) -> web.Response:
 def demo_app() -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     return app
