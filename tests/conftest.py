@@ -127,6 +127,23 @@ def gateway_config(mock: MockProvider) -> dict[str, Any]:
                 {"model": "anthropic/mock-claude-err-500", "api_base": an, "api_key_env": "MOCK_PROVIDER_KEY"},
                 {"model": "openai/mock-gpt-second", "api_base": oa, "api_key_env": "MOCK_PROVIDER_KEY"}]},
             {**mock_alias("claude-falls-back", "anthropic/mock-claude-err-529", an), "fallbacks": ["claude-mock"]},
+            # /v1/embeddings (api/embeddings.py; LiteLLM's Cohere config posts to api_base as the whole URL)
+            mock_alias("embed-mock", "openai/mock-embed", oa),
+            mock_alias("embed-3-small", "openai/text-embedding-3-small", oa),  # priced by LiteLLM's map
+            mock_alias("embed-ada", "openai/text-embedding-ada-002", oa),  # LiteLLM: no dimensions on ada
+            mock_alias("embed-no-usage", "openai/mock-embed-nousage", oa),
+            mock_alias("embed-cohere", "cohere/embed-english-v3.0", f"{mock.base_url}/v2/embed"),
+            mock_alias("embed-cohere-v4", "cohere/embed-v4.0", f"{mock.base_url}/v2/embed"),
+            {**mock_alias("embed-cohere-lenient", "cohere/embed-english-v3.0", f"{mock.base_url}/v2/embed"),
+             "drop_params": True},
+            {"name": "embed-retried", "strategy": "priority", "deployments": [
+                {"model": "cohere/mock-embed-retried-err-500-v3", "api_base": f"{mock.base_url}/v2/embed",
+                 "api_key_env": "MOCK_PROVIDER_KEY"},
+                {"model": "openai/mock-embed-second", "api_base": oa, "api_key_env": "MOCK_PROVIDER_KEY"}]},
+            {**mock_alias("embed-fallback", "cohere/mock-embed-fallback-err-503-v3", f"{mock.base_url}/v2/embed"),
+             "fallbacks": ["embed-mock"]},
+            mock_alias("embed-400", "openai/mock-embed-err-400", oa),
+            mock_alias("embed-cohere-400", "cohere/mock-embed-err-400-v3", f"{mock.base_url}/v2/embed"),
         ],
     }
 

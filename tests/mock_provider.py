@@ -60,6 +60,8 @@ from typing import Any
 
 from aiohttp import web
 
+import mock_embeddings
+
 _NUMERIC = ("err", "ra", "slow", "drip", "cut", "cached", "reasoning", "words")
 _OPENAI_ERRORS = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
                   403: ("invalid_request_error", "unsupported_country_region_territory"),
@@ -368,6 +370,7 @@ class MockProvider:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_post("/v1/messages", self._anthropic)
+        mock_embeddings.add_routes(app, self)  # /v1/embeddings (OpenAI), /v2/embed (Cohere)
         app.router.add_post("/v1/completions", mock_completions.handler(self))
         import mock_responses  # OpenAI /v1/responses (it imports this module, hence not at the top)
         app.router.add_post("/v1/responses", functools.partial(mock_responses.answer, self))

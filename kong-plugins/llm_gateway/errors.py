@@ -115,7 +115,23 @@ def _provider_message(exc: BaseException) -> str:
         inner = body.get("error", body)
         if isinstance(inner, dict) and isinstance(inner.get("message"), str):
             return scrub(inner["message"])
-    return scrub(str(getattr(exc, "message", None) or exc))
+    text = str(getattr(exc, "message", None) or exc)
+    return scrub(_embedded_message(text) or text)
+
+
+def _embedded_message(text: str) -> str | None:
+    """The ``message`` of the provider's error JSON when LiteLLM quotes the body whole in its text (Cohere's
+    ``CohereException - {"message": "..."}``), so the client reads the provider's sentence, not its JSON."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        data = json.loads(text[start:])
+    except (ValueError, RecursionError):
+        return None
+    inner = data.get("error", data) if isinstance(data, dict) else None
+    message = inner.get("message") if isinstance(inner, dict) else None
+    return message if isinstance(message, str) else None
 
 
 def retry_after_seconds(exc: BaseException) -> int:

@@ -7,6 +7,7 @@ port Kong proxies to, which anything on the host can reach. A second plugin serv
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -300,12 +301,13 @@ def test_no_response_names_aiohttp(plugin_server: PluginServerProcess) -> None:
 
 
 def test_wrong_method_is_405_with_allow(plugin_server: PluginServerProcess) -> None:
-    for method in ("GET", "PUT", "DELETE", "PATCH"):
-        answer = httpx.request(method, f"http://{plugin_server.listen}/v1/chat/completions")
+    for method, path in itertools.product(("GET", "PUT", "DELETE", "PATCH"), ("/v1/chat/completions",
+                                                                             "/v1/embeddings")):
+        answer = httpx.request(method, f"http://{plugin_server.listen}{path}")
         assert answer.status_code == 405 and answer.headers["allow"] == "POST"
         error = assert_openai_error(answer.content, "method_not_allowed")
         assert method in error["message"]
-    answer = httpx.get(f"http://{plugin_server.listen}/v1/embeddings")
+    answer = httpx.get(f"http://{plugin_server.listen}/v1/no-such-endpoint")
     assert answer.status_code == 404
     assert_openai_error(answer.content, "unknown_url")
 

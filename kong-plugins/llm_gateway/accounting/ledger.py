@@ -74,6 +74,7 @@ class Ledger:
         self.max_completion: int | None = None  # completion tokens the reservation granted (budgets only)
         self.provider_started: float | None = None
         self.first_byte: float | None = None
+        self.answered = False  # a whole JSON answer came back: charged even if it reported no usage and had no text
         self._finished = False
         self._tokens: TokenUsage | None = None
 
@@ -181,7 +182,7 @@ class Ledger:
         reported = from_provider_usage(self.usage.usage)
         if reported is not None:
             return reported
-        if self.provider_started is None or not (self.usage.chars or self.first_byte):
+        if self.provider_started is None or not (self.usage.chars or self.first_byte or self.answered):
             return None  # nothing reached the provider, or it answered nothing: nothing to charge
         prompt = self.request.prompt_tokens(self.target.model)
         completion = self._completion_tokens()

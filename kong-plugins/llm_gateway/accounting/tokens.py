@@ -78,7 +78,9 @@ def from_provider_usage(usage: Mapping | None) -> TokenUsage | None:
       ``cache_read_input_tokens``, ``cache_creation_input_tokens``;
     * OpenAI Responses API: ``input_tokens`` (including cached and cache writes),
       ``input_tokens_details.cached_tokens`` / ``.cache_write_tokens``, ``output_tokens``,
-      ``output_tokens_details.reasoning_tokens``.
+      ``output_tokens_details.reasoning_tokens``;
+    * the gateway's own count where the provider reported none and the answer needs one (OpenAI's schema
+      requires ``usage`` on embeddings): any of the above with ``"estimated": true``, recorded as estimated.
     """
     if not usage or not isinstance(usage, Mapping):
         return None
@@ -104,7 +106,7 @@ def from_provider_usage(usage: Mapping | None) -> TokenUsage | None:
     if total is None or (total == 0 and prompt + completion > 0):
         total = prompt + completion
     return TokenUsage(prompt=prompt, completion=completion, total=total, cached=cached, reasoning=reasoning,
-                      estimated=False, cache_creation=creation)
+                      estimated=usage.get("estimated") is True, cache_creation=creation)
 
 
 # Token estimates run on the event loop, so their cost is bounded whatever the request: up to EXACT_CHARS of text

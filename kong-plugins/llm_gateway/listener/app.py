@@ -356,6 +356,7 @@ class Listener:
         assert ledger is not None
         if not api.stream:
             routed = await self._route(config, alias, api, ex, lambda d: endpoint.complete(d, api, ledger.usage))
+            ledger.answered = True
             try:
                 if request.transport is None or request.transport.is_closing():
                     ex.told(499, "client_disconnected")  # Kong closed the connection: its client left (charged)
