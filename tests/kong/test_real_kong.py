@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -56,7 +57,8 @@ def _models(mock: MockProvider) -> list[dict[str, Any]]:
             _mock_alias("drip", "openai/mock-gpt-drip-100-words-12", mock.openai_base),
             _mock_alias("long-drip", "openai/mock-gpt-drip-200-words-30", mock.openai_base),
             _mock_alias("claude-mock", "anthropic/mock-claude", mock.anthropic_base),
-            _mock_alias("hangs", "openai/mock-slow-30000", mock.openai_base)]
+            _mock_alias("hangs", "openai/mock-slow-30000", mock.openai_base),
+            _mock_alias("embed-mock", "openai/mock-embed", mock.openai_base)]
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +163,80 @@ def test_json_and_stream_through_kong_with_the_openai_sdk(kong: RealKong) -> Non
     # 12 words 100 ms apart upstream: they reach the client apart too, not in one burst at the end
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert sum(1 for gap in gaps if gap > 0.05) >= 8, gaps
+
+
+# --- every endpoint, through Kong's routes ------------------------------------------------------------------
+
+
+def test_the_model_list_through_kongs_get_route(kong: RealKong) -> None:
+    """GET /v1/models and /v1/models/{id} take the llm-models route (its own methods), with the same front door
+    and config as the POST endpoints; bob's model_access (kong.yml) shows in his list."""
+    client = _openai(kong)
+    listed = [m.id for m in client.models.list()]
+    assert {"demo", "chat-default", "auto", "gpt-mock", "claude-mock"} <= set(listed)
+    demo = client.models.retrieve("demo")
+    assert demo.id == "demo" and demo.model_extra["llm_gateway"]["deployments"][0]["provider"] == "demo"
+    bob = openai.OpenAI(base_url=f"{kong.url}/v1", api_key="demo-key-bob", max_retries=0)
+    assert sorted(m.id for m in bob.models.list()) == ["auto", "chat-default", "demo"]
+    with pytest.raises(openai.NotFoundError):
+        bob.models.retrieve("gpt-mock")
+    response = httpx.delete(f"{kong.url}/v1/models/demo", headers={"apikey": ALICE}, timeout=30)
+    assert response.status_code == 404 and _is_openai_error(response.text)  # Kong: no route for DELETE
+
+
+def test_embeddings_through_kong(kong: RealKong) -> None:
+    client = _openai(kong)
+    raw = client.embeddings.with_raw_response.create(model="embed-mock", input=["one two", "three"])
+    answer = raw.parse()
+    assert [d.index for d in answer.data] == [0, 1] and all(len(d.embedding) > 0 for d in answer.data)
+    assert answer.usage.prompt_tokens > 0 and raw.headers["X-LLM-Provider"] == "openai"
+    assert len(client.embeddings.create(model="demo", input="hi", dimensions=8).data[0].embedding) == 8
+
+
+def test_anthropic_messages_through_kong_with_the_anthropic_sdk(kong: RealKong) -> None:
+    """The Anthropic SDK's own key header and paths, natively to an Anthropic deployment and translated to an
+    OpenAI one; errors in Anthropic's shape, Kong's own 401 included (the error template's envelope)."""
+    client = anthropic.Anthropic(base_url=kong.url, api_key=ALICE, max_retries=0)
+    for alias in ("claude-mock", "gpt-mock"):
+        message = client.messages.create(model=alias, max_tokens=64, messages=HELLO["messages"])
+        assert message.content[0].text and message.usage.output_tokens > 0
+        with client.messages.stream(model=alias, max_tokens=64, messages=HELLO["messages"]) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        assert text and final.usage.output_tokens > 0
+    assert client.messages.count_tokens(model="claude-mock", messages=HELLO["messages"]).input_tokens > 0
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.create(model="no-such-model", max_tokens=8, messages=HELLO["messages"])
+    assert missing.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=kong.url, api_key="not-a-key", max_retries=0).messages.create(
+            model="demo", max_tokens=8, messages=HELLO["messages"])
+
+
+def test_the_responses_api_through_kong(kong: RealKong) -> None:
+    client = _openai(kong)
+    answer = client.responses.create(model="gpt-mock", input="hi", instructions="Be brief.")
+    assert answer.output_text and answer.usage.output_tokens > 0
+    with client.responses.stream(model="claude-mock", input="hi") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert deltas and "".join(deltas) == final.output_text
+    with pytest.raises(openai.BadRequestError) as stateful:
+        client.responses.create(model="gpt-mock", input="hi", previous_response_id="resp_1")
+    assert stateful.value.param == "previous_response_id"
+
+
+def test_legacy_completions_through_kong(kong: RealKong) -> None:
+    client = _openai(kong)
+    assert client.completions.create(model="demo", prompt="Hello", max_tokens=16).choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(model="demo", prompt="Hello", stream=True)
+              if c.choices]
+    assert "".join(pieces)
+
+
+def test_a_get_on_a_post_endpoint_is_refused_by_kong_in_openai_shape(kong: RealKong) -> None:
+    response = httpx.get(f"{kong.url}/v1/chat/completions", headers={"apikey": ALICE}, timeout=30)
+    assert response.status_code == 404 and _is_openai_error(response.text)
 
 
 @pytest.mark.parametrize("headers", [{"apikey": ALICE}, {"Authorization": f"Bearer {ALICE}"}, {"x-api-key": ALICE}],

@@ -18,6 +18,7 @@ import pytest
 from conftest import PROVIDER_KEY, REDIS_URL, free_port, wait_for_record
 from hostile_provider import HostileProvider
 from kong_harness import KongHarness, PluginServerProcess, start_plugin_server
+from llm_gateway.providers.stream_limits import SLACK_TOKENS
 
 DAVE_KEY = "test-key-dave-" + secrets.token_hex(6)
 ERIN_KEY = "test-key-erin-" + secrets.token_hex(6)
@@ -81,7 +82,8 @@ def test_a_budgeted_stream_is_capped_to_its_reservation_and_cut_when_the_provide
     assert error["code"] == "budget_reservation_exhausted"
     record = wait_for_record(server, headers["X-Request-ID"])
     assert record["truncated"] is True and record["estimated"] is True
-    assert RESERVATION <= record["completion_tokens"] <= RESERVATION + 10, "cut at the reservation, not 316x it"
+    ceiling = RESERVATION + max(SLACK_TOKENS, RESERVATION // 4)  # the estimate's tolerance (stream_limits.py)
+    assert RESERVATION < record["completion_tokens"] <= ceiling + 10, "cut just past the reservation, not 316x it"
     assert elapsed < MAX_DURATION, "the reservation ended it, not the duration limit"
 
 

@@ -38,6 +38,9 @@ def reservation_used(tokens: int) -> GatewayError:
                         code="budget_reservation_exhausted")
 
 
+SLACK_TOKENS = 16  # at least this many tokens of estimate error are tolerated over a reservation
+
+
 class StreamGuard:
     """Limits of one stream. ``completion_tokens`` counts the completion so far (the ledger's estimator);
     ``max_tokens`` None means no reservation bounds it.
@@ -54,6 +57,9 @@ class StreamGuard:
         self.max_duration_s, self.idle_s = max_duration_s, idle_s
         self.deadline = started + max_duration_s
         self.max_tokens = max_tokens if completion_tokens is not None else None
+        # the provider was sent max_tokens and stops there; the guard's count is an estimate (another tokenizer
+        # than the provider's), so it ends a stream only clearly past it: a provider that ignores the limit
+        self.ceiling = max_tokens + max(SLACK_TOKENS, max_tokens // 4) if max_tokens is not None else None
         self.completion_tokens = completion_tokens
         self._next_check = max_tokens if max_tokens is not None else 0  # characters
         self.checks = 0  # token counts run (how often the checkpoints fired)
@@ -69,9 +75,10 @@ class StreamGuard:
         assert self.completion_tokens is not None
         self.checks += 1
         used = self.completion_tokens()
-        if used > self.max_tokens:
+        assert self.ceiling is not None
+        if used > self.ceiling:
             return True
-        self._next_check = self.usage.chars + max(1, self.max_tokens - used)
+        self._next_check = self.usage.chars + max(1, self.ceiling - used)
         return False
 
     def _limit(self, now: float) -> GatewayError | None:
