@@ -34,6 +34,11 @@ class ApiRequest(Protocol):
         """An estimate of the prompt's tokens on ``model`` (budget reservations; usage no provider reported)."""
         ...
 
+    def chat_view(self) -> dict[str, Any]:
+        """The request as an OpenAI chat body (``messages``, ``tools``, ...), for what reads requests that way:
+        complexity routing (routing/complexity.py). Never raises."""
+        ...
+
 
 class ErrorFormat(Protocol):
     """How an endpoint's clients expect an error: as the body of an error response, and as the event that ends

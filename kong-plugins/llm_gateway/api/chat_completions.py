@@ -261,6 +261,9 @@ class ChatRequest:
     def prompt_tokens(self, model: str) -> int:
         return estimate_prompt_tokens(model, self.params["messages"])
 
+    def chat_view(self) -> dict[str, Any]:
+        return self.params
+
 
 def _part_error(part: Any, allowed: frozenset[str]) -> tuple[str, str] | None:
     """(sub-path, problem) for a content part that does not match its type's shape."""

@@ -97,6 +97,12 @@ class CompletionRequest:
                                              for p in prompts)
         return self._prompt_tokens[model]
 
+    def chat_view(self) -> dict[str, Any]:
+        """As an OpenAI chat body, for complexity routing: each text prompt a user message."""
+        prompt = self.params["prompt"]
+        prompts = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
+        return {"messages": [{"role": "user", "content": p} for p in prompts]}
+
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
     """The request, validated: GatewayError 400 naming the field otherwise."""

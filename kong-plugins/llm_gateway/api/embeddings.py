@@ -124,6 +124,10 @@ class EmbeddingRequest:
             return sum(estimate_completion_tokens(model, text) for text in texts)
         return estimate_completion_tokens(model, " ".join(texts))
 
+    def chat_view(self) -> dict[str, Any]:
+        """Nothing to score: a routing alias sends embeddings to its weak alias."""
+        return {"messages": []}
+
 
 def parse_embedding_request(body: bytes) -> EmbeddingRequest:
     """Parse and validate a request body; raises GatewayError(400) naming the offending parameter."""

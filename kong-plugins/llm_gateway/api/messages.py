@@ -371,6 +371,13 @@ class MessagesRequest:
             self._estimates[model] = estimate_anthropic_prompt(model, self.params)
         return self._estimates[model]
 
+    def chat_view(self) -> dict[str, Any]:
+        """As an OpenAI chat body, for complexity routing; never raises."""
+        try:
+            return {"messages": openai_messages(self.params), "tools": self.params.get("tools")}
+        except Exception:
+            return {"messages": []}
+
 
 def openai_messages(params: dict[str, Any]) -> list[dict[str, Any]]:
     """The system prompt and messages as OpenAI chat messages, as LiteLLM's Anthropic adapter translates them."""

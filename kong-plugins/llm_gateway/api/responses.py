@@ -180,6 +180,13 @@ class ResponsesRequest:
             self._prompt_tokens[model] = estimate_prompt_tokens(model, as_messages(self.params))
         return self._prompt_tokens[model]
 
+    def chat_view(self) -> dict[str, Any]:
+        """As an OpenAI chat body, for complexity routing; never raises."""
+        try:
+            return {"messages": as_messages(self.params), "tools": self.params.get("tools")}
+        except Exception:
+            return {"messages": []}
+
 
 def _part_text(part: dict[str, Any]) -> dict[str, Any]:
     if part.get("type") == "input_image":

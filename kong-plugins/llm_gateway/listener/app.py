@@ -272,7 +272,7 @@ class Listener:
                                type="permission_error", param="model", code="model_not_allowed")
         complexity = None
         if alias.complexity is not None:
-            complexity = score_request(api.params)  # never raises; a body without messages scores low
+            complexity = score_request(api.chat_view())  # never raises
             strong = complexity.score >= alias.complexity.threshold
             alias = config.models[alias.complexity.strong if strong else alias.complexity.weak]
             headers["X-LLM-Complexity"] = f"{complexity.score:.3f}; routed={alias.name}"
