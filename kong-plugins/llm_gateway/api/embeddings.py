@@ -152,7 +152,7 @@ def parse_embedding_request(body: bytes) -> EmbeddingRequest:
         params["dimensions"] = dimensions
     encoding = data.get("encoding_format")
     if encoding is not None:
-        if encoding not in ENCODINGS:
+        if not isinstance(encoding, str) or encoding not in ENCODINGS:
             raise bad_request("'encoding_format': expected one of float, base64", param="encoding_format")
         params["encoding_format"] = encoding
     user = data.get("user")

@@ -97,7 +97,7 @@ def _image_block(block: dict[str, Any]) -> tuple[str, str] | None:
     if not isinstance(source, dict):
         return ".source", "must be an object whose type is base64 or url"
     if source.get("type") == "base64":
-        if source.get("media_type") not in IMAGE_TYPES:
+        if not isinstance(source.get("media_type"), str) or source.get("media_type") not in IMAGE_TYPES:
             return ".source.media_type", f"must be one of {', '.join(sorted(IMAGE_TYPES))}"
         if not isinstance(source.get("data"), str) or not source["data"]:
             return ".source.data", "must be base64 image data"
@@ -215,7 +215,7 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise bad_request(f"'{where}' must be an object", param=where)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise bad_request(f"'{where}.role' must be user or assistant (the system prompt goes in 'system')",
                               param=f"{where}.role")
         if extra := sorted(k for k in message if k not in ("role", "content")):

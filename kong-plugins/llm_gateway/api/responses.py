@@ -223,7 +223,7 @@ def as_messages(params: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _check_part(part: Any, allowed: frozenset[str], at: str) -> None:
-    if not isinstance(part, dict) or part.get("type") not in allowed:
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part.get("type") not in allowed:
         raise bad_request(f"'{at}' must be a content part whose type is one of {', '.join(sorted(allowed))}",
                           param=f"{at}.type" if isinstance(part, dict) else at)
     kind = part["type"]
@@ -235,7 +235,8 @@ def _check_part(part: Any, allowed: frozenset[str], at: str) -> None:
         if not isinstance(part.get("image_url"), str) and not isinstance(part.get("file_id"), str):
             raise bad_request(f"'{at}' needs an 'image_url' (a URL or a data URL) or a 'file_id'",
                               param=f"{at}.image_url")
-        if part.get("detail") not in IMAGE_DETAILS:
+        if part.get("detail") is not None and (not isinstance(part.get("detail"), str)
+                                               or part.get("detail") not in IMAGE_DETAILS):
             raise bad_request(f"'{at}.detail' must be one of auto, low, high, original", param=f"{at}.detail")
     if kind == "input_file" and not any(isinstance(part.get(k), str)
                                         for k in ("file_data", "file_url", "file_id")):
@@ -244,7 +245,7 @@ def _check_part(part: Any, allowed: frozenset[str], at: str) -> None:
 
 def _check_message(item: dict[str, Any], at: str) -> None:
     role = item.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise bad_request(f"'{at}.role' must be one of {', '.join(sorted(ROLES))}", param=f"{at}.role")
     content = item.get("content")
     if isinstance(content, str):
