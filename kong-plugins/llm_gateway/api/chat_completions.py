@@ -8,14 +8,12 @@ that sets a parameter expects it to matter. Whether a deployment can honour a pa
 per deployment, in ``providers`` (forwarded, translated by LiteLLM, dropped when the alias says so and
 reported in a header, or refused naming it).
 
-Parsing is bounded: the body is at most the route's ``max_body_bytes``, JSON nesting at most ``MAX_NESTING``
-levels (LiteLLM's transformations recurse, and deep-copy, tool schemas), integers at most Python's 4,300
-digits, and NaN/Infinity (not JSON) are refused, so every input costs time linear in its size.
+The body is read as every endpoint reads it (``api/request_body.py``: bounded JSON, one object naming its
+model, no unknown field).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -23,12 +21,12 @@ from typing import Any
 
 from llm_gateway.accounting.tokens import estimate_prompt_tokens
 from llm_gateway.api.base import OPENAI_ERRORS
+from llm_gateway.api.request_body import refuse_unknown, request_object
 from llm_gateway.config import Deployment
-from llm_gateway.errors import GatewayError, bad_request
+from llm_gateway.errors import bad_request
 from llm_gateway.providers import chat
 from llm_gateway.providers.openai_compatible import Usage
 
-MAX_NESTING = 64  # JSON levels; OpenAI allows 10 levels of nesting in a strict schema
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 # content part types each role may send (ChatCompletionRequest*MessageContentPart in the schema)
@@ -365,53 +363,9 @@ def _check_messages(messages: Any) -> None:
         _check_message(message, f"messages[{i}]")
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(name)  # NaN, Infinity, -Infinity: Python's json accepts them, JSON does not
-
-
-def _too_deep(data: Any) -> bool:
-    """Whether the parsed body nests more than MAX_NESTING levels (iterative: no recursion to exhaust)."""
-    stack: list[tuple[Any, int]] = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > MAX_NESTING:
-            return True
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, dict | list))
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value if isinstance(v, dict | list))
-    return False
-
-
-def load_json(body: bytes) -> Any:
-    """The body as JSON, or a 400 that says why not (never Python's own text)."""
-    try:
-        data = json.loads(body, parse_constant=_refuse_constant)
-    except RecursionError:
-        raise bad_request(f"The request body nests JSON more than {MAX_NESTING} levels deep.",
-                          code="invalid_json") from None
-    except ValueError as exc:  # JSONDecodeError, bad UTF-8, NaN/Infinity, integers over 4,300 digits
-        reason = "it is not valid JSON"
-        if isinstance(exc, json.JSONDecodeError):
-            reason = f"it is not valid JSON (line {exc.lineno}, column {exc.colno})"
-        elif "digits" in str(exc):
-            reason = "it holds an integer with more than 4300 digits"
-        elif str(exc) in ("NaN", "Infinity", "-Infinity"):
-            reason = f"{exc} is not a JSON value"
-        raise bad_request(f"The request body cannot be read: {reason}.", code="invalid_json") from None
-    if _too_deep(data):
-        raise bad_request(f"The request body nests JSON more than {MAX_NESTING} levels deep.", code="invalid_json")
-    return data
-
-
 def parse_chat_request(body: bytes) -> ChatRequest:
     """Parse and validate a request body; raises GatewayError(400) naming the offending parameter."""
-    data = load_json(body)
-    if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object.", code="invalid_json")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("'model' is required and must be a non-empty string", param="model")
+    data, model = request_object(body)
     _check_messages(data.get("messages"))
     stream = data.get("stream", False)
     if stream is None:
@@ -421,11 +375,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     stream_options = data.get("stream_options")
     if stream_options is not None and (error := _stream_options(stream_options)):
         raise bad_request(f"'stream_options': {error}", param="stream_options")
-    unknown = sorted(k for k in data if k not in PARAMETERS and k not in GATEWAY_FIELDS)
-    if unknown:
-        shown = ", ".join(name[:64] for name in unknown[:5])
-        raise GatewayError(400, f"Unrecognized request parameter(s): {shown}.", param=unknown[0][:64],
-                           code="unsupported_parameter")
+    refuse_unknown(data, PARAMETERS.keys() | GATEWAY_FIELDS)
     params: dict[str, Any] = {"messages": data["messages"]}
     for name, check in PARAMETERS.items():
         if name in data and data[name] is not None:

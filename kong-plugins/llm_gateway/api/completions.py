@@ -25,10 +25,10 @@ from llm_gateway.api.chat_completions import (
     _stop,
     _stream_options,
     _string,
-    load_json,
 )
+from llm_gateway.api.request_body import refuse_unknown, request_object
 from llm_gateway.config import Deployment
-from llm_gateway.errors import GatewayError, bad_request
+from llm_gateway.errors import bad_request
 from llm_gateway.providers import completions as provider
 from llm_gateway.providers.openai_compatible import Usage
 
@@ -106,12 +106,7 @@ class CompletionRequest:
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
     """The request, validated: GatewayError 400 naming the field otherwise."""
-    data = load_json(body)  # valid JSON, bounded nesting, no NaN: as on chat completions
-    if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object.", code="invalid_json")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("'model' is required and must be a non-empty string", param="model")
+    data, model = request_object(body)  # valid JSON, bounded nesting, no NaN: as on chat completions
     if "prompt" not in data or data["prompt"] is None:
         raise bad_request("'prompt' is required", param="prompt")
     if error := check_prompt(data["prompt"]):
@@ -124,11 +119,7 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     stream_options = data.get("stream_options")
     if stream_options is not None and (error := _stream_options(stream_options)):
         raise bad_request(f"'stream_options': {error}", param="stream_options")
-    unknown = sorted(k for k in data if k not in PARAMETERS and k not in GATEWAY_FIELDS)
-    if unknown:
-        shown = ", ".join(name[:64] for name in unknown[:5])
-        raise GatewayError(400, f"Unrecognized request parameter(s): {shown}.", param=unknown[0][:64],
-                           code="unsupported_parameter")
+    refuse_unknown(data, PARAMETERS.keys() | GATEWAY_FIELDS)
     params: dict[str, Any] = {"prompt": data["prompt"]}
     for name, check in PARAMETERS.items():
         if data.get(name) is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from llm_gateway.accounting.tokens import EXACT_MESSAGES, estimate_completion_tokens
 from llm_gateway.api.base import OPENAI_ERRORS, ApiRequest, ErrorFormat
-from llm_gateway.api.chat_completions import load_json
+from llm_gateway.api.request_body import refuse_unknown, request_object
 from llm_gateway.config import Deployment
 from llm_gateway.errors import GatewayError, bad_request
 from llm_gateway.providers import embeddings as provider
@@ -131,17 +131,8 @@ class EmbeddingRequest:
 
 def parse_embedding_request(body: bytes) -> EmbeddingRequest:
     """Parse and validate a request body; raises GatewayError(400) naming the offending parameter."""
-    data = load_json(body)
-    if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object.", code="invalid_json")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("'model' is required and must be a non-empty string", param="model")
-    unknown = sorted(k for k in data if k not in FIELDS)
-    if unknown:
-        shown = ", ".join(name[:64] for name in unknown[:5])
-        raise GatewayError(400, f"Unrecognized request parameter(s): {shown}.", param=unknown[0][:64],
-                           code="unsupported_parameter")
+    data, model = request_object(body)
+    refuse_unknown(data, FIELDS)
     if "input" not in data or data["input"] is None:
         raise bad_request("'input' is required", param="input")
     params: dict[str, Any] = {"input": check_input(data["input"])}

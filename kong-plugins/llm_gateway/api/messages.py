@@ -6,7 +6,7 @@ alternate user and assistant turns whose content is a string or blocks (text, im
 tool_result, thinking, redacted_thinking; each where its role may send it), and ``system``, ``tools``,
 ``tool_choice``, ``thinking``, the sampling parameters, ``stop_sequences``, ``metadata`` and ``service_tier``
 have the shapes the reference gives. Unknown top-level fields are refused by name, never dropped, as on chat
-completions. Parsing is bounded the same way (``chat_completions.load_json``).
+completions. Parsing is bounded the same way (``api/request_body.py``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 
 from llm_gateway.accounting.tokens import estimate_prompt_tokens, rough_tokens
 from llm_gateway.api.base import ANTHROPIC_ERRORS
-from llm_gateway.api.chat_completions import load_json
+from llm_gateway.api.request_body import refuse_unknown, request_object
 from llm_gateway.config import Deployment
-from llm_gateway.errors import GatewayError, bad_request
+from llm_gateway.errors import bad_request
 from llm_gateway.providers import messages as provider
 from llm_gateway.providers.openai_compatible import Usage
 
@@ -302,25 +302,14 @@ COUNT_PARAMETERS = frozenset({"system", "tools", "tool_choice", "thinking"})
 GATEWAY_FIELDS = frozenset({"model", "messages", "max_tokens", "stream"})
 
 
-def _refuse_unknown(data: dict[str, Any], known: frozenset[str] | set[str]) -> None:
-    unknown = sorted(k for k in data if k not in known)
-    if unknown:
-        shown = ", ".join(name[:64] for name in unknown[:5])
-        raise GatewayError(400, f"Unrecognized request parameter(s): {shown}.", param=unknown[0][:64],
-                           code="unsupported_parameter")
 
 
 def parse_prompt(body: bytes, *, count_only: bool = False) -> tuple[str, bool, dict[str, Any]]:
     """(model, stream, params) of a Messages request body, validated; ``count_only`` for count_tokens, which
     takes the prompt alone (no ``max_tokens``, ``stream`` or sampling parameters)."""
-    data = load_json(body)
-    if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object.", code="invalid_json")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("'model' is required and must be a non-empty string", param="model")
+    data, model = request_object(body)
     names = COUNT_PARAMETERS if count_only else PARAMETERS.keys()
-    _refuse_unknown(data, {"model", "messages", *names} if count_only else {*GATEWAY_FIELDS, *names})
+    refuse_unknown(data, {"model", "messages", *names} if count_only else {*GATEWAY_FIELDS, *names})
     stream = False
     if not count_only:
         if _positive_int(data.get("max_tokens")):

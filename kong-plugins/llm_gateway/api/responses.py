@@ -33,8 +33,8 @@ from llm_gateway.api.chat_completions import (
     _one_of,
     _range,
     _string,
-    load_json,
 )
+from llm_gateway.api.request_body import refuse_unknown, request_object
 from llm_gateway.errors import GatewayError, bad_request
 from llm_gateway.providers import responses as provider
 from llm_gateway.providers.responses import Builtin, next_sequence
@@ -324,12 +324,7 @@ def _check_tools(value: Any, builtin: list[Builtin]) -> None:
 
 def parse_responses_request(body: bytes) -> ResponsesRequest:
     """Parse and validate a request body; raises GatewayError(400) naming the offending field."""
-    data = load_json(body)
-    if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object.", code="invalid_json")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad_request("'model' is required and must be a non-empty string", param="model")
+    data, model = request_object(body)
     for name, (refused, why) in STATEFUL.items():
         if name in data and refused(data[name]):
             raise GatewayError(400, f"'{name}' is not supported: {why}, and this gateway is stateless. Send the "
@@ -339,12 +334,7 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
         if data.get(name) is not None:
             raise GatewayError(400, f"'{name}' is not supported by this gateway.", param=name,
                                code="unsupported_parameter")
-    unknown = sorted(k for k in data if k not in PARAMETERS and k not in GATEWAY_FIELDS and k not in STATEFUL
-                     and k not in UNSERVED)
-    if unknown:
-        shown = ", ".join(name[:64] for name in unknown[:5])
-        raise GatewayError(400, f"Unrecognized request parameter(s): {shown}.", param=unknown[0][:64],
-                           code="unsupported_parameter")
+    refuse_unknown(data, PARAMETERS.keys() | GATEWAY_FIELDS | STATEFUL.keys() | UNSERVED)
     if "input" not in data or data["input"] is None:
         raise bad_request("'input' is required: a string or a list of input items", param="input")
     builtin: list[Builtin] = []
