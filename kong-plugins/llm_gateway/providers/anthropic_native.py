@@ -21,7 +21,7 @@ import litellm
 
 from llm_gateway.config import Deployment
 from llm_gateway.errors import GatewayError, ProviderOverloaded, from_provider_exception
-from llm_gateway.providers.openai_compatible import Usage
+from llm_gateway.providers.openai_compatible import Usage, malformed
 from llm_gateway.providers.upstream import call_args
 
 USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
@@ -52,8 +52,6 @@ def complete_usage(usage: dict[str, Any] | None, start: dict[str, Any] | None = 
     return merged
 
 
-def _malformed() -> GatewayError:
-    return GatewayError(502, "The provider sent a malformed response.", type="server_error", code="provider_error")
 
 
 def stream_error(data: Any) -> GatewayError:
@@ -103,7 +101,7 @@ async def complete(deployment: Deployment, params: dict[str, Any], usage: Usage)
     """The provider's ``message`` JSON; every usage count present."""
     result = await _call(deployment, params, stream=False)
     if not isinstance(result, dict) or result.get("type") != "message":
-        raise _malformed()
+        raise malformed()
     usage.model = result.get("model")
     if isinstance(result.get("stop_reason"), str):
         usage.finish_reasons.append(result["stop_reason"])
@@ -145,7 +143,7 @@ def _data(frame: bytes) -> Any:
     try:
         return json.loads(b"\n".join(lines))
     except ValueError:
-        raise _malformed() from None
+        raise malformed() from None
 
 
 async def _events(stream: Any, usage: Usage) -> AsyncIterator[bytes]:
@@ -192,7 +190,7 @@ async def open_stream(deployment: Deployment, params: dict[str, Any], usage: Usa
     try:
         first = await events.__anext__()
     except StopAsyncIteration:
-        raise _malformed() from None
+        raise malformed() from None
     except BaseException:
         await events.aclose()
         raise

@@ -27,21 +27,19 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-import aiohttp
 import litellm
 from litellm.types.utils import LlmProviders
 from litellm.utils import ProviderConfigManager, get_optional_params_embeddings
 
 from llm_gateway.config import Deployment
 from llm_gateway.errors import (
-    GatewayError,
     bad_request,
     from_build_exception,
     from_provider_exception,
     named_parameters,
     unsupported_parameters,
 )
-from llm_gateway.providers.openai_compatible import Usage, _malformed, _post
+from llm_gateway.providers.openai_compatible import Usage, malformed, post_for_json
 from llm_gateway.providers.upstream import lean
 
 OPENAI_BASE = "https://api.openai.com/v1"
@@ -101,7 +99,7 @@ def openai_answer(data: Any, count: int, encoding: str, model: str, usage: Usage
     when nothing was, the gateway's count, marked estimated (accounting/tokens.py), which the answer carries."""
     items = data.get("data") if isinstance(data, dict) else None
     if not isinstance(items, list) or len(items) != count or not all(isinstance(i, dict) for i in items):
-        raise _malformed()
+        raise malformed()
     changed = False
     try:
         for i, item in enumerate(items):
@@ -112,9 +110,9 @@ def openai_answer(data: Any, count: int, encoding: str, model: str, usage: Usage
                 item["object"] = "embedding"
                 changed = True
     except (ValueError, TypeError, OverflowError, binascii.Error):
-        raise _malformed() from None
+        raise malformed() from None
     if sorted(item["index"] for item in items) != list(range(count)):
-        raise _malformed()
+        raise malformed()
     if data.get("object") != "list" or not isinstance(data.get("model"), str):
         data["object"] = "list"
         data.setdefault("model", model)
@@ -141,7 +139,7 @@ def _dumps(data: dict[str, Any]) -> bytes:
     try:
         return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
     except ValueError:  # an infinite or NaN value: no embedding
-        raise _malformed() from None
+        raise malformed() from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,18 +260,6 @@ async def _lean(model: str, api_base: str | None, api_key: str | None, body: dic
                 count: int, usage: Usage, estimate: Estimate) -> bytes:
     url = (api_base or OPENAI_BASE).rstrip("/") + "/embeddings"
     payload = json.dumps(body, separators=(",", ":")).encode()
-    response = await _post(url, payload, api_key, aiohttp.ClientTimeout(total=timeout_s))
-    async with response:
-        try:
-            raw = await response.read()
-        except TimeoutError:
-            raise GatewayError(504, "The provider did not answer in time.", type="server_error",
-                               code="provider_timeout") from None
-        except aiohttp.ClientError:
-            raise _malformed() from None
-    try:
-        data = json.loads(raw, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
-        raise _malformed() from None
+    raw, data = await post_for_json(url, payload, api_key, timeout_s, parse_constant=_refuse_constant)
     changed = openai_answer(data, count, body.get("encoding_format", "float"), model, usage, estimate)
     return raw if changed is None else _dumps(changed)

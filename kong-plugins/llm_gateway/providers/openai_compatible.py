@@ -105,7 +105,9 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return headers
 
 
-async def _post(url: str, body: bytes, api_key: str | None, limits: aiohttp.ClientTimeout) -> Any:
+async def post(url: str, body: bytes, api_key: str | None, limits: aiohttp.ClientTimeout) -> Any:
+    """POST a JSON body to an OpenAI-format provider: its 200 response (to be read), or the GatewayError its
+    failure maps to (504 on timeout, 502 unreachable, the provider's status through ``from_provider_status``)."""
     try:
         response = await session().post(url, data=body, headers=_headers(api_key), timeout=limits)
     except TimeoutError:
@@ -124,16 +126,15 @@ async def _post(url: str, body: bytes, api_key: str | None, limits: aiohttp.Clie
     return response
 
 
-def _malformed() -> GatewayError:
+def malformed() -> GatewayError:
     return GatewayError(502, "The provider sent a malformed response.", type="server_error",
                         code="provider_error")
 
 
-async def complete(model: str, api_base: str | None, api_key: str | None, params: dict[str, Any],
-                   timeout_s: float, usage: Usage, *, drop: bool = False) -> bytes:
-    """A chat.completion, as the provider's own JSON bytes."""
-    body = request_body(model, params, stream=False, drop=drop, usage=usage)
-    response = await _post(url_of(model, api_base), body, api_key, aiohttp.ClientTimeout(total=timeout_s))
+async def post_for_json(url: str, body: bytes, api_key: str | None, timeout_s: float,
+                        parse_constant: Callable[[str], Any] | None = None) -> tuple[bytes, Any]:
+    """A whole JSON answer: the provider's bytes as received, and what they parse to (502 if they do not)."""
+    response = await post(url, body, api_key, aiohttp.ClientTimeout(total=timeout_s))
     async with response:
         try:
             raw = await response.read()
@@ -141,13 +142,20 @@ async def complete(model: str, api_base: str | None, api_key: str | None, params
             raise GatewayError(504, "The provider did not answer in time.", type="server_error",
                                code="provider_timeout") from None
         except aiohttp.ClientError:
-            raise _malformed() from None
+            raise malformed() from None
     try:
-        data = json.loads(raw)
-    except ValueError:
-        raise _malformed() from None
+        return raw, json.loads(raw, parse_constant=parse_constant)
+    except (ValueError, RecursionError):
+        raise malformed() from None
+
+
+async def complete(model: str, api_base: str | None, api_key: str | None, params: dict[str, Any],
+                   timeout_s: float, usage: Usage, *, drop: bool = False) -> bytes:
+    """A chat.completion, as the provider's own JSON bytes."""
+    body = request_body(model, params, stream=False, drop=drop, usage=usage)
+    raw, data = await post_for_json(url_of(model, api_base), body, api_key, timeout_s)
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-        raise _malformed()
+        raise malformed()
     usage.model, usage.usage = data.get("model"), data.get("usage")
     if not usage.usage:
         usage.take_text(data["choices"])
@@ -166,13 +174,13 @@ async def open_stream(model: str, api_base: str | None, api_key: str | None, par
     the client's stream with an explicit error event.
     """
     body = request_body(model, params, stream=True, drop=drop, usage=usage)
-    response = await _post(url_of(model, api_base), body, api_key,
+    response = await post(url_of(model, api_base), body, api_key,
                            aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s))
     events = _events(response, include_usage, usage)
     try:
         first = await events.__anext__()
     except StopAsyncIteration:
-        raise _malformed() from None
+        raise malformed() from None
     except BaseException:
         await events.aclose()
         raise
@@ -188,7 +196,7 @@ async def open_stream(model: str, api_base: str | None, api_key: str | None, par
     return relay()
 
 
-async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def sse_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     """Lines of any length (aiohttp's own line iterator refuses lines over 128 KiB: a large tool call)."""
     buffer = b""
     async for data in content.iter_any():
@@ -203,7 +211,7 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
 async def _events(response: Any, include_usage: bool, usage: Usage) -> AsyncIterator[bytes]:
     async with response:
         try:
-            async for line in _lines(response.content):
+            async for line in sse_lines(response.content):
                 if not line.startswith(b"data:"):
                     continue  # blank separators, comments, event: lines
                 payload = line[5:].strip()
@@ -212,9 +220,9 @@ async def _events(response: Any, include_usage: bool, usage: Usage) -> AsyncIter
                 try:
                     chunk = json.loads(payload)
                 except ValueError:
-                    raise _malformed() from None
+                    raise malformed() from None
                 if not isinstance(chunk, dict):
-                    raise _malformed()
+                    raise malformed()
                 if chunk.get("error"):
                     raise GatewayError(502, "The provider reported an error mid-stream.", type="server_error",
                                        code="provider_error")

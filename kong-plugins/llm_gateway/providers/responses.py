@@ -40,7 +40,7 @@ from litellm.types.router import GenericLiteLLMParams
 
 from llm_gateway.config import Deployment
 from llm_gateway.errors import GatewayError, from_build_exception, from_provider_exception
-from llm_gateway.providers.openai_compatible import Usage, _lines, _post
+from llm_gateway.providers.openai_compatible import Usage, malformed, post, post_for_json, sse_lines
 from llm_gateway.providers.upstream import OPENAI_PREFIX, call_args, lean
 
 _OPENAI = OpenAIResponsesAPIConfig()
@@ -190,30 +190,15 @@ def _output_text(data: dict[str, Any], usage: Usage) -> None:
                 usage.add_text(part["text"])
 
 
-def _malformed() -> GatewayError:
-    return GatewayError(502, "The provider sent a malformed response.", type="server_error", code="provider_error")
 
 
 async def _native_complete(deployment: Deployment, params: dict[str, Any], usage: Usage) -> bytes:
     """OpenAI's Response, its bytes as received."""
     model, api_base, api_key = lean(deployment) or ("", None, None)
     body = native_body(model, params, stream=False, drop=deployment.drop_params)
-    response = await _post(_OPENAI.get_complete_url(api_base, {}), body, api_key,
-                           aiohttp.ClientTimeout(total=deployment.timeout))
-    async with response:
-        try:
-            raw = await response.read()
-        except TimeoutError:
-            raise GatewayError(504, "The provider did not answer in time.", type="server_error",
-                               code="provider_timeout") from None
-        except aiohttp.ClientError:
-            raise _malformed() from None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise _malformed() from None
+    raw, data = await post_for_json(_OPENAI.get_complete_url(api_base, {}), body, api_key, deployment.timeout)
     if not isinstance(data, dict) or not isinstance(data.get("output"), list):
-        raise _malformed()
+        raise malformed()
     _take_response(data, usage)
     return raw
 
@@ -307,7 +292,7 @@ async def _native_events(response: Any, usage: Usage, sequence: list[int]) -> As
     the provider's numbering. A stream that breaks off, or ends without its terminal event, raises."""
     async with response:
         try:
-            async for line in _lines(response.content):
+            async for line in sse_lines(response.content):
                 if not line.startswith(b"data:"):
                     continue  # event: lines (the type is in the data), blank separators, comments
                 payload = line[5:].strip()
@@ -316,9 +301,9 @@ async def _native_events(response: Any, usage: Usage, sequence: list[int]) -> As
                 try:
                     event = json.loads(payload)
                 except ValueError:
-                    raise _malformed() from None
+                    raise malformed() from None
                 if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-                    raise _malformed()
+                    raise malformed()
                 kind = event["type"]
                 if kind == "error":
                     raise GatewayError(502, "The provider reported an error mid-stream.", type="server_error",
@@ -350,14 +335,14 @@ async def _native_stream(deployment: Deployment, params: dict[str, Any], usage: 
     model, api_base, api_key = lean(deployment) or ("", None, None)
     body = native_body(model, params, stream=True, drop=deployment.drop_params)
     timeout = deployment.timeout
-    response = await _post(_OPENAI.get_complete_url(api_base, {}), body, api_key,
+    response = await post(_OPENAI.get_complete_url(api_base, {}), body, api_key,
                            aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout))
     sequence = [0]
     events = _native_events(response, usage, sequence)
     try:
         first = await events.__anext__()
     except StopAsyncIteration:
-        raise _malformed() from None
+        raise malformed() from None
     except BaseException:
         await events.aclose()
         raise
