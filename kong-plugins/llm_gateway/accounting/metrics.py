@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
@@ -126,6 +127,8 @@ class Metrics:
                                  ["alias", "from_provider", "to_provider"], registry=own)
         self.cooldowns = Counter("llm_gateway_cooldowns", "Deployments put in cooldown.", ["alias", "deployment"],
                                  registry=own)
+        self.process_restarts = Counter("llm_gateway_process_restarts", "Worker processes of the plugin server "
+                                        "restarted after they died (kong/workers.py).", registry=own)
 
     def observe(self, record: UsageRecord, overhead_s: float | None = None) -> None:
         """Count one finished request (never raises)."""
@@ -179,6 +182,9 @@ class Metrics:
     def cooldown(self, alias: str, deployment: str) -> None:
         self.cooldowns.labels(label_value(alias), label_value(deployment)).inc()
 
+    def process_restarted(self) -> None:
+        self.process_restarts.inc()
+
 
 def start_metrics_server(host: str, port: int, metrics: Metrics, health: Health | None = None) -> Any:
     """Serve ``metrics.registry`` (so, in multiprocess mode, the sum over every process) as Prometheus text on
@@ -190,7 +196,6 @@ def start_metrics_server(host: str, port: int, metrics: Metrics, health: Health 
     answers when the loop is stuck, which is when it matters, and health answers while the loop is still busy
     importing LiteLLM. Binding happens here, so a taken port raises OSError to the caller. Returns the WSGI
     server (``shutdown()`` stops it)."""
-    import threading
     from wsgiref.simple_server import make_server
 
     from prometheus_client import exposition
@@ -212,5 +217,26 @@ def start_metrics_server(host: str, port: int, metrics: Metrics, health: Health 
 
     Server.address_family, addr = exposition._get_best_family(host, port)
     server = make_server(addr, port, app, Server, handler_class=exposition._SilentHandler)
-    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    resume_metrics_server(server)
     return server
+
+
+def pause_metrics_server(server: Any, wait_s: float = 5.0) -> None:
+    """Stop serving (the socket stays bound: scrapes wait in its backlog) and wait until no thread of it runs:
+    the master forks its zygote in this moment (kong/workers.py), and a fork must not copy a thread that holds a
+    lock. Threads of anything else are reported, not waited for."""
+    import threading
+
+    server.shutdown()
+    deadline = time.monotonic() + wait_s
+    while threading.active_count() > 1 and time.monotonic() < deadline:
+        time.sleep(0.001)  # a scrape or health answer under way finishes in milliseconds
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        log.warning("threads still running at fork: %s", ", ".join(others))
+
+
+def resume_metrics_server(server: Any) -> None:
+    import threading
+
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()

@@ -70,6 +70,8 @@ class Health:
     phase: str = "starting"
     heartbeat: float | None = None  # time.monotonic() of the loop's last stamp
     redis: dict[str, Probe] = field(default_factory=dict)
+    # more readiness checks, read from the HTTP server's threads: the worker processes (kong/workers.py)
+    extra: Callable[[], dict[str, dict[str, Any]]] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def enter(self, phase: str) -> None:
@@ -116,6 +118,11 @@ class Health:
             fresh = now - probe.at <= max(3 * PROBE_INTERVAL_S, self.stale_after)
             checks[name] = {"ok": probe.ok and fresh,
                             "detail": probe.detail if fresh else f"last probe {now - probe.at:.0f} s ago"}
+        if self.extra is not None:
+            try:
+                checks.update(self.extra())
+            except Exception as exc:  # a report that fails is not ready, and never a 500
+                checks["processes"] = {"ok": False, "detail": f"unknown ({type(exc).__name__})"}
         ok = all(check["ok"] for check in checks.values())
         status = "ok" if ok else "starting" if self.phase in ("starting", "importing", "warming_up") else "failing"
         return (200 if ok else 503), {"status": status, "phase": self.phase, "pid": os.getpid(), "checks": checks}
