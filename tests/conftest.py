@@ -134,7 +134,11 @@ def plugin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginSe
     server = start_plugin_server(
         socket_path, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
         env={"MOCK_PROVIDER_KEY": PROVIDER_KEY, "WRONG_PROVIDER_KEY": WRONG_PROVIDER_KEY,
-             "LLM_GATEWAY_TICKET_TTL": str(TICKET_TTL), "LLM_GATEWAY_METRICS_LISTEN": metrics},
+             "LLM_GATEWAY_TICKET_TTL": str(TICKET_TTL), "LLM_GATEWAY_METRICS_LISTEN": metrics,
+             # one process: tests that post a minted ticket to server.listen meet the process it names, and the
+             # shared 2 cores warm one server up, not N. LLM_GATEWAY_TEST_PROCESSES=N runs the suite on N;
+             # tests/kong/test_processes.py tests several processes on servers of its own.
+             "LLM_GATEWAY_PROCESSES": os.environ.get("LLM_GATEWAY_TEST_PROCESSES", "1")},
     )
     server.metrics = metrics  # type: ignore[attr-defined]
     yield server

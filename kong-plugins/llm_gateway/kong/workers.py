@@ -134,6 +134,12 @@ def _zygote(sock: socket.socket, run_worker: RunWorker) -> None:
             os.close(fd)
 
 
+def pinned_slot(consumer: str, size: int) -> int:
+    """The process (0: the master) serving every request of a consumer with memory budgets: the same one for
+    as long as this master lives."""
+    return zlib.crc32(consumer.encode()) % size
+
+
 # -- the pool, on the master's event loop ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Target:
@@ -330,7 +336,7 @@ class ProcessPool:
         if config.budgets and config.redis is None and consumer:
             cid, username = consumer.get("id"), consumer.get("username")
             if any(budget.applies_to(username, cid) for budget in config.budgets):
-                slot = zlib.crc32(str(cid or username).encode()) % self.size
+                slot = pinned_slot(str(cid or username), self.size)
                 worker = self.workers.get(slot)
                 if worker is not None and self._serving(worker, time.monotonic()):
                     return worker.target
