@@ -13,6 +13,8 @@ server (a thread, see ``metrics.start_metrics_server``) before the import and re
   every Redis that a route's fail-closed budgets depend on answered its last PING (probed every
   ``PROBE_INTERVAL_S`` by ``watch``, at the route's own ``redis.timeout``). Routes are known once Kong has
   started their plugin instances (on their first request), so a Redis only counts from then on.
+  With several processes, the master's readiness also needs every worker serving (``Health.extra``, from
+  ``kong/workers.py``).
 
 Both answer JSON: ``{"status": "ok"|"starting"|"failing", "phase": ..., "pid": ..., "checks": {...}}`` (the
 pid tells which plugin server answered, across a kong reload's hand-over). Check names
