@@ -7,11 +7,16 @@ instance is known to the workers before Kong can use it, a killed worker comes b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import secrets
 import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -266,3 +271,67 @@ def test_the_whole_group_stops_with_the_master(how: signal.Signals, tmp_path: Pa
         wait_for(lambda: not any(map(_alive, [zygote, *workers])), "a worker or the zygote outlived the master", 15)
     finally:
         server.stop()
+
+
+# -- kong reload ---------------------------------------------------------------------------------------------------
+def _serve(socket_path: str, listen: str, demo: str, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "kong-plugins"),
+               MOCK_PROVIDER_KEY=PROVIDER_KEY, LLM_GATEWAY_PROCESSES="2")
+    return subprocess.Popen([sys.executable, "-m", "llm_gateway", "serve", "--socket", socket_path, "--listen", listen,
+                             "--demo-listen", demo, "--metrics-listen", "off"], env=env, stderr=open(log, "wb"))
+
+
+def _refuses(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_on_kong_reload_the_old_workers_stop_accepting_and_finish_their_streams(
+        tmp_path: Path, mock_provider: MockProvider) -> None:
+    socket_path, listen, demo = str(tmp_path / "s.sock"), f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    old, new = _serve(socket_path, listen, demo, old_log), None
+    try:
+        wait_for(lambda: "plugin server ready" in old_log.read_text(), "the first server never got ready", 60)
+        rpc = KongRPC(socket_path)  # an old nginx worker's pooled connection: it lives on after the reload
+        plugin = dict(config(mock_provider), __plugin_id=str(uuid.uuid4()), __seq__=1, __key__="k")
+        plugin["models"].append({"name": "drip", "deployments": [{"model": "openai/mock-gpt-drip-50-words-40",
+                                                                  "api_base": mock_provider.openai_base,
+                                                                  "api_key_env": "MOCK_PROVIDER_KEY"}]})
+        iid = rpc.call("plugin.StartInstance", {"Name": "llm-gateway", "Config": json.dumps(plugin)})["Id"]
+        body = json.dumps({"model": "drip", "stream": True, "messages": HELLO}).encode()
+        ticket, target = _run_access(rpc, iid, body, CAROL)
+        if target is None:  # round-robin: the next one is the worker's
+            ticket, target = _run_access(rpc, iid, body, CAROL)
+        assert target is not None
+        chunks: list[bytes] = []
+
+        def stream() -> None:
+            with httpx.stream("POST", f"http://{target[0]}:{target[1]}/v1/chat/completions", content=body,
+                              headers={TICKET: ticket, "Content-Type": "application/json"}, timeout=30) as response:
+                chunks.extend(response.iter_bytes())
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        wait_for(lambda: chunks, "the stream never started", 10)
+        new = _serve(socket_path, listen, demo, new_log)
+        wait_for(lambda: "plugin server ready" in new_log.read_text(), "the successor never got ready", 60)
+        wait_for(lambda: _refuses(target[1]), "the old worker still accepts after stepping aside", 10)
+        streaming.join(30)
+        assert b"data: [DONE]" in b"".join(chunks), "the old worker's stream was cut"
+        assert old.poll() is None, "the old server must finish its requests, not die"
+        # what the old master still mints names itself: the successor's port answers it 503, retryable
+        late, late_target = _run_access(rpc, iid, json.dumps({"model": "demo", "messages": HELLO}).encode(), CAROL)
+        assert late_target is None
+        answered = httpx.post(f"http://{listen}/v1/chat/completions", timeout=30,
+                              content=json.dumps({"model": "demo", "messages": HELLO}).encode(),
+                              headers={TICKET: late, "Content-Type": "application/json"})
+        assert answered.status_code == 503 and answered.json()["error"]["code"] == "gateway_restarting"
+    finally:
+        for proc in (old, new):
+            if proc is not None:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(30)
+                if proc.poll() is None:
+                    proc.kill()
