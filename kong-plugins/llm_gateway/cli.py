@@ -310,12 +310,13 @@ def _prepare(args: argparse.Namespace) -> Prepared:
     upstream.set_demo_base(f"http://{demo_host}:{demo_port}/v1")
     zygote = None
     if args.processes > 1:
-        zygote = _fork_zygote(args, tickets, metrics, [rpc_socket.sock, listener_socket, metrics_server])
+        zygote = _fork_zygote(args, tickets, metrics, [rpc_socket.sock, listener_socket], metrics_server)
     return Prepared(started, parent, health, metrics, previous, rpc_socket, listener_socket, metrics_server,
                     tickets, zygote)
 
 
-def _fork_zygote(args: argparse.Namespace, tickets: Any, metrics: Any, inherited: list[Any]) -> workers.Zygote:
+def _fork_zygote(args: argparse.Namespace, tickets: Any, metrics: Any, sockets: list[socket.socket],
+                 metrics_server: Any) -> workers.Zygote:
     """The one fork of the master: the metrics thread paused meanwhile (it restarts at once), the heap frozen
     first, so that a collection in a worker never writes to (and so copies) the pages of the import's objects."""
     from llm_gateway.accounting.metrics import pause_metrics_server, resume_metrics_server
@@ -328,15 +329,14 @@ def _fork_zygote(args: argparse.Namespace, tickets: Any, metrics: Any, inherited
         _freeze_the_heap()
 
     setup = worker.WorkerSetup(listen_host=args.listen[0], tickets=tickets, metrics=metrics, warm_up=warm_up)
-    server = inherited[-1]
-    if server is not None:
-        pause_metrics_server(server)
+    if metrics_server is not None:
+        pause_metrics_server(metrics_server)
     _freeze_the_heap()
     try:
-        return workers.fork_zygote(functools.partial(worker.run, setup), inherited)
+        return workers.fork_zygote(functools.partial(worker.run, setup), [*sockets, metrics_server])
     finally:
-        if server is not None:
-            resume_metrics_server(server)
+        if metrics_server is not None:
+            resume_metrics_server(metrics_server)
 
 
 async def serve(args: argparse.Namespace, prepared: Prepared) -> None:
@@ -374,7 +374,8 @@ async def serve(args: argparse.Namespace, prepared: Prepared) -> None:
     plugin_server = PluginServer(
         PLUGIN_NAME, lambda config: LLMGatewayPlugin(config, runtime, pool),
         on_start=pool.acquire if pool else None, on_close=pool.release if pool else None,
-        status=(lambda: {"Processes": pool.status(args.listen[1])}) if pool else None)
+        status=lambda: {"Processes": pool.status(args.listen[1]) if pool else [
+            {"Index": 0, "Pid": os.getpid(), "Port": args.listen[1], "Serving": True, "Role": "master"}]})
     runners.append(await _serve_http(Listener(runtime).make_runner(), prepared.listener_socket))
     if pool is not None and not await pool.wait_ready(WORKERS_READY_WAIT_S):
         log.warning("not every worker serves after %g s; starting with those that do", WORKERS_READY_WAIT_S)

@@ -95,9 +95,6 @@ class Metrics:
         if self.multiprocess:  # values live in the mmap files; /metrics collects every process's files
             own = None
             self.registry = registry if registry is not None else CollectorRegistry()
-            from prometheus_client import multiprocess
-
-            multiprocess.MultiProcessCollector(self.registry)
         else:
             own = self.registry = registry if registry is not None else CollectorRegistry()
         self._consumer = _Capped(max_consumers)
@@ -129,6 +126,12 @@ class Metrics:
                                  registry=own)
         self.process_restarts = Counter("llm_gateway_process_restarts", "Worker processes of the plugin server "
                                         "restarted after they died (kong/workers.py).", registry=own)
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            self.registry.register(_EveryFamily(multiprocess.MultiProcessCollector(None), [
+                self.requests, self.tokens, self.cost, self.duration, self.ttft, self.overhead, self.estimated,
+                self.truncated, self.budget_rejections, self.fallbacks, self.cooldowns, self.process_restarts]))
 
     def observe(self, record: UsageRecord, overhead_s: float | None = None) -> None:
         """Count one finished request (never raises)."""
@@ -184,6 +187,25 @@ class Metrics:
 
     def process_restarted(self) -> None:
         self.process_restarts.inc()
+
+
+class _EveryFamily:
+    """Every process's values (multiprocess mode), and the families no process has a sample of yet with their
+    HELP and TYPE lines, as a single process serves them: a scrape (or a dashboard) knows every metric from the
+    start, not only those that have counted something."""
+
+    def __init__(self, collector: Any, metrics: list[Any]) -> None:
+        self.collector = collector
+        self.metrics = metrics
+
+    def collect(self) -> Any:
+        families = list(self.collector.collect())
+        seen = {family.name for family in families}
+        yield from families
+        for metric in self.metrics:
+            for family in metric.describe():
+                if family.name not in seen:
+                    yield family
 
 
 def start_metrics_server(host: str, port: int, metrics: Metrics, health: Health | None = None) -> Any:
