@@ -112,6 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_OWN_METRICS_DIR: list[str] = []  # the multiprocess directory this plugin server made, if it made one
+
+
+def _remove_metrics_dir() -> None:
+    """The zygote outlives a master killed outright by moments: it removes the directory then (the workers
+    finishing their streams keep their open files; nobody can scrape them any more)."""
+    for path in _OWN_METRICS_DIR:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _metrics_dir(processes: int) -> str | None:
     """Several processes: Prometheus's multiprocess mode, in an empty directory of this plugin server's own
     (removed at the end), unless the operator set ``PROMETHEUS_MULTIPROC_DIR``. Before anything imports
@@ -120,6 +130,7 @@ def _metrics_dir(processes: int) -> str | None:
         return None
     path = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    _OWN_METRICS_DIR.append(path)
     return path
 
 
@@ -333,7 +344,8 @@ def _fork_zygote(args: argparse.Namespace, tickets: Any, metrics: Any, sockets: 
         pause_metrics_server(metrics_server)
     _freeze_the_heap()
     try:
-        return workers.fork_zygote(functools.partial(worker.run, setup), [*sockets, metrics_server])
+        return workers.fork_zygote(functools.partial(worker.run, setup), [*sockets, metrics_server],
+                                   at_exit=_remove_metrics_dir)
     finally:
         if metrics_server is not None:
             resume_metrics_server(metrics_server)

@@ -88,10 +88,11 @@ class Zygote:
         self.sock.close()
 
 
-def fork_zygote(run_worker: RunWorker, inherited: Iterable[Any]) -> Zygote:
+def fork_zygote(run_worker: RunWorker, inherited: Iterable[Any], at_exit: Callable[[], None] = lambda: None) -> Zygote:
     """Fork the zygote now; the caller guarantees that no other thread runs and no event loop exists.
     ``inherited``: the master's listening sockets (and servers), closed in the zygote so that only the master
-    holds Kong's socket and the listener's port (a successor after kong reload must be able to bind it)."""
+    holds Kong's socket and the listener's port (a successor after kong reload must be able to bind it).
+    ``at_exit`` runs when the zygote ends, i.e. when the master has gone, however it went (even SIGKILL)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:  # the zygote
@@ -102,7 +103,10 @@ def fork_zygote(run_worker: RunWorker, inherited: Iterable[Any]) -> Zygote:
                 if item is not None:
                     with contextlib.suppress(OSError):
                         (getattr(item, "socket", None) or item).close()
-            _zygote(theirs, run_worker)
+            try:
+                _zygote(theirs, run_worker)
+            finally:
+                at_exit()
         except BaseException:
             code = 1
         finally:
@@ -116,6 +120,7 @@ def _zygote(sock: socket.socket, run_worker: RunWorker) -> None:
     die_with_parent()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers: the master watches them
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the master's to handle
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # the master's death (PDEATHSIG): end through at_exit
     if os.getppid() == 1:
         return  # the master died before the line above
     while True:
@@ -127,11 +132,16 @@ def _zygote(sock: socket.socket, run_worker: RunWorker) -> None:
             sock.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             die_with_parent()
             run_worker(socket.socket(fileno=fds[0]), int(request["index"]), str(request["target"]))
             os._exit(0)  # run_worker does not return; never run the zygote's loop in a worker
         for fd in fds:
             os.close(fd)
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def pinned_slot(consumer: str, size: int) -> int:
