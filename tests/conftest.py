@@ -17,6 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# Plugin servers the tests start run one process unless a test asks for more: a test that posts a minted ticket
+# to server.listen then meets the process it names, one that kills "the" plugin server kills all of it, and the
+# shared cores warm one server up, not N. LLM_GATEWAY_TEST_PROCESSES=N runs them on N; tests/kong/test_processes.py
+# starts several processes on servers of its own, and real Kong's plugin server runs the default (one per core).
+os.environ.setdefault("LLM_GATEWAY_PROCESSES", os.environ.get("LLM_GATEWAY_TEST_PROCESSES", "1"))
 
 from kong_harness import KongHarness, PluginServerProcess, start_plugin_server
 from mock_provider import MockProvider

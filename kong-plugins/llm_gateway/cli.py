@@ -4,7 +4,8 @@
 whole of stdout. ``serve`` logs to stderr (Kong logs it at INFO). It binds Kong's socket and the listener's
 port first, within milliseconds of being started, and accepts on them only once LiteLLM is imported and
 warmed up: Kong's calls made meanwhile wait in the sockets' backlogs and are answered late rather than
-refused (Kong would answer a refused connect() with a bare 500).
+refused (Kong would answer a refused connect() with a bare 500). With ``--processes N`` (default: one per core)
+it forks N-1 worker processes once LiteLLM is imported (``kong/workers.py``); N=1 is the single process.
 """
 
 from __future__ import annotations
@@ -12,19 +13,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
+import functools
 import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from llm_gateway import PLUGIN_NAME
-from llm_gateway.kong import handover
+from llm_gateway.kong import handover, workers
 from llm_gateway.kong.schema import plugin_info
 from llm_gateway.operations import logs
 
@@ -33,7 +37,6 @@ log = logging.getLogger("llm_gateway")
 DEFAULT_LISTEN = "127.0.0.1:8787"
 DEFAULT_DEMO_LISTEN = "127.0.0.1:8788"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9542"
-PR_SET_PDEATHSIG = 1
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -63,7 +66,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="HOST:PORT serving Prometheus /metrics, or 'off'")
     serve.add_argument("--ticket-ttl", type=float, default=float(env("LLM_GATEWAY_TICKET_TTL", "30")),
                        help="seconds a hand-off ticket stays valid")
+    serve.add_argument("--processes", type=_positive, default=env("LLM_GATEWAY_PROCESSES") or None,
+                       help="plugin-server processes: the master and N-1 workers (env LLM_GATEWAY_PROCESSES; "
+                       "default: one per core)")
     return parser
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,13 +94,44 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
+    if args.processes is None:
+        args.processes = workers.default_processes()
+    elif isinstance(args.processes, str):  # argparse does not convert a default: the environment's value
+        args.processes = _positive(args.processes)
+    metrics_dir = None
     try:
+        metrics_dir = _metrics_dir(args.processes)
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(args))
+            asyncio.run(serve(args, _prepare(args)))
     except Exception:
         log.critical("the plugin server failed", exc_info=True)  # one log line, not a multi-line traceback
         return 1
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+_OWN_METRICS_DIR: list[str] = []  # the multiprocess directory this plugin server made, if it made one
+
+
+def _remove_metrics_dir() -> None:
+    """The zygote outlives a master killed outright by moments: it removes the directory then (the workers
+    finishing their streams keep their open files; nobody can scrape them any more)."""
+    for path in _OWN_METRICS_DIR:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _metrics_dir(processes: int) -> str | None:
+    """Several processes: Prometheus's multiprocess mode, in an empty directory of this plugin server's own
+    (removed at the end), unless the operator set ``PROMETHEUS_MULTIPROC_DIR``. Before anything imports
+    prometheus_client, which picks its storage at import (accounting/metrics.py)."""
+    if processes < 2 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    path = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    _OWN_METRICS_DIR.append(path)
+    return path
 
 
 # -- operators' commands: smoke, health, docs (none imports LiteLLM) ---------------------------------------------
@@ -140,12 +183,6 @@ def _check(files: list[str]) -> int:
         if not problems:
             print(f"{path}: {count} {PLUGIN_NAME} plugin config(s) valid")
     return 1 if failed else 0
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM us when Kong's worker (our parent) dies, so no orphan holds the ports."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def _serve_http(app: object, sock: socket.socket) -> Any:
@@ -227,12 +264,34 @@ async def _warm_up(demo_base: str) -> None:
     log.info("provider paths warmed up in %.2f s", time.monotonic() - started)
 
 
-async def serve(args: argparse.Namespace) -> None:
-    _die_with_parent()
+WORKERS_READY_WAIT_S = 30.0  # at start the master opens Kong's socket once every worker serves, or after this
+WORKERS_STOP_S = 65.0  # a worker finishing its streams: aiohttp's shutdown timeout (60 s), then it is killed
+
+
+@dataclass
+class Prepared:
+    """What the synchronous start (before any event loop exists, so before any fork) hands the serving loop."""
+
+    started: float
+    parent: int
+    health: Any
+    metrics: Any
+    previous: handover.Predecessor | None
+    rpc_socket: handover.UnixSocket
+    listener_socket: socket.socket
+    metrics_server: Any
+    tickets: Any
+    zygote: workers.Zygote | None
+
+
+def _prepare(args: argparse.Namespace) -> Prepared:
+    """Kong's socket and the listener's port, health, LiteLLM's import, the ticket secret, then the zygote:
+    forked here, while no other thread runs and no event loop exists (kong/workers.py)."""
+    workers.die_with_parent()
     parent = os.getppid()
     started = time.monotonic()
     from llm_gateway.accounting.metrics import Metrics
-    from llm_gateway.operations.health import Health, fail_closed_redis, watch
+    from llm_gateway.operations.health import Health
 
     health = Health(stale_after=float(os.environ.get("LLM_GATEWAY_LIVENESS_STALE_S", "10")))
     # Kong's socket and the listener's port exist before the seconds of importing LiteLLM (see kong/handover.py):
@@ -245,47 +304,99 @@ async def serve(args: argparse.Namespace) -> None:
     metrics = Metrics()
     metrics_server = _bind_metrics(args.metrics_listen, metrics, health)  # health answers from now on
     health.enter("importing")
-    from llm_gateway.config import ConfigRegistry
-    from llm_gateway.kong.plugin import LLMGatewayPlugin
-    from llm_gateway.kong.rpc_server import PluginServer
+    from llm_gateway.kong.plugin import LLMGatewayPlugin  # noqa: F401  (imported once, shared by the workers)
     from llm_gateway.kong.ticket import TicketBook
-    from llm_gateway.listener.app import Listener
+    from llm_gateway.listener.app import Listener  # noqa: F401
     from llm_gateway.providers import upstream  # imports LiteLLM: seconds of CPU
-    from llm_gateway.providers.demo import demo_app
-    from llm_gateway.runtime import Runtime
 
     logs.adopt("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
-    from llm_gateway.operations import tracing
-
-    tracing.configure()  # LLM_GATEWAY_TRACING=on: OTLP export (operations/tracing.py); off by default
     log.info("LiteLLM imported in %.2f s", time.monotonic() - started)
     tickets = TicketBook(ttl_seconds=args.ticket_ttl,
                          predecessors=frozenset([previous.issuer]) if previous else frozenset())
     handover.announce(args.socket, tickets.issuer)
-    runtime = Runtime(registry=ConfigRegistry(), tickets=tickets, metrics=metrics)
     if listener_socket is None:  # kong reload: the predecessor stops accepting and lets go of its ports
         assert previous is not None
         listener_socket = handover.take_over(previous, *args.listen, "LLM listener")
     demo_host, demo_port = args.demo_listen
     upstream.set_demo_base(f"http://{demo_host}:{demo_port}/v1")
+    zygote = None
+    if args.processes > 1:
+        zygote = _fork_zygote(args, tickets, metrics, [rpc_socket.sock, listener_socket], metrics_server)
+    return Prepared(started, parent, health, metrics, previous, rpc_socket, listener_socket, metrics_server,
+                    tickets, zygote)
+
+
+def _fork_zygote(args: argparse.Namespace, tickets: Any, metrics: Any, sockets: list[socket.socket],
+                 metrics_server: Any) -> workers.Zygote:
+    """The one fork of the master: the metrics thread paused meanwhile (it restarts at once), the heap frozen
+    first, so that a collection in a worker never writes to (and so copies) the pages of the import's objects."""
+    from llm_gateway.accounting.metrics import pause_metrics_server, resume_metrics_server
+    from llm_gateway.kong import worker
+
+    demo_host, demo_port = args.demo_listen
+
+    async def warm_up() -> None:
+        await _warm_up(f"http://{demo_host}:{demo_port}/v1")
+        _freeze_the_heap()
+
+    setup = worker.WorkerSetup(listen_host=args.listen[0], tickets=tickets, metrics=metrics, warm_up=warm_up)
+    if metrics_server is not None:
+        pause_metrics_server(metrics_server)
+    _freeze_the_heap()
+    try:
+        return workers.fork_zygote(functools.partial(worker.run, setup), [*sockets, metrics_server],
+                                   at_exit=_remove_metrics_dir)
+    finally:
+        if metrics_server is not None:
+            resume_metrics_server(metrics_server)
+
+
+async def serve(args: argparse.Namespace, prepared: Prepared) -> None:
+    from llm_gateway.config import ConfigRegistry
+    from llm_gateway.kong.plugin import LLMGatewayPlugin
+    from llm_gateway.kong.rpc_server import PluginServer
+    from llm_gateway.listener.app import Listener
+    from llm_gateway.operations import tracing
+    from llm_gateway.operations.health import fail_closed_redis, watch
+    from llm_gateway.providers.demo import demo_app
+    from llm_gateway.runtime import Runtime
+
+    tracing.configure()  # LLM_GATEWAY_TRACING=on: OTLP export (operations/tracing.py); after the fork (its thread)
+    health, metrics, started, parent = prepared.health, prepared.metrics, prepared.started, prepared.parent
+    metrics_server, previous = prepared.metrics_server, prepared.previous
+    runtime = Runtime(registry=ConfigRegistry(), tickets=prepared.tickets, metrics=metrics)
+    pool: workers.ProcessPool | None = None
+    if prepared.zygote is not None:
+        pool = workers.ProcessPool(args.processes, args.listen[0], prepared.zygote,
+                                   on_restart=metrics.process_restarted, stale_after=health.stale_after)
+        health.extra = pool.health
+    demo_host, demo_port = args.demo_listen
     demo = handover.bind_tcp(demo_host, demo_port, "demo provider")
     if demo is None:
         raise OSError(f"{demo_host}:{demo_port} is taken; cannot listen")
     runners = [await _serve_http(demo_app(), demo)]
+    if pool is not None:
+        pool.start()  # the workers warm up meanwhile, each on its own core
     health.enter("warming_up")
     await _warm_up(f"http://{demo_host}:{demo_port}/v1")
     _freeze_the_heap()
     if metrics_server is None:
         metrics_server = await _start_metrics(args.metrics_listen, metrics, health, wait_s=10 if previous else 0)
 
-    plugin_server = PluginServer(PLUGIN_NAME, lambda config: LLMGatewayPlugin(config, runtime))
-    runners.append(await _serve_http(Listener(runtime).make_runner(), listener_socket))
-    rpc = await plugin_server.serve(rpc_socket.sock)
+    plugin_server = PluginServer(
+        PLUGIN_NAME, lambda config: LLMGatewayPlugin(config, runtime, pool),
+        on_start=pool.acquire if pool else None, on_close=pool.release if pool else None,
+        status=lambda: {"Processes": pool.status(args.listen[1]) if pool else [
+            {"Index": 0, "Pid": os.getpid(), "Port": args.listen[1], "Serving": True, "Role": "master"}]})
+    runners.append(await _serve_http(Listener(runtime).make_runner(), prepared.listener_socket))
+    if pool is not None and not await pool.wait_ready(WORKERS_READY_WAIT_S):
+        log.warning("not every worker serves after %g s; starting with those that do", WORKERS_READY_WAIT_S)
+    rpc = await plugin_server.serve(prepared.rpc_socket.sock)
     watching = asyncio.create_task(watch(health, lambda: fail_closed_redis(runtime)))
     health.beat()
     health.enter("serving")
-    log.info("plugin server ready on %s (pid %d) after %.2f s", args.socket, os.getpid(),
-             time.monotonic() - started)
+    log.info("plugin server ready on %s (pid %d, %d process%s) after %.2f s", args.socket, os.getpid(),
+             args.processes, "" if args.processes == 1 else "es", time.monotonic() - started)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -303,6 +414,8 @@ async def serve(args: argparse.Namespace) -> None:
         health.enter("stepped_aside")
         log.info("a new plugin server takes over; finishing the requests under way")
         rpc.close()
+        if pool is not None:
+            pool.step_aside()  # the workers stop accepting too; new tickets name the master (a retryable 503)
         for runner in runners:
             for site in list(runner.sites):
                 await site.stop()
@@ -318,6 +431,8 @@ async def serve(args: argparse.Namespace) -> None:
                 stop.set()
             plugin_server.sweep()
             runtime.registry.sweep()
+            if pool is not None:
+                pool.tick()
             await asyncio.sleep(1)
 
     chores = asyncio.create_task(housekeeping())
@@ -326,9 +441,12 @@ async def serve(args: argparse.Namespace) -> None:
     chores.cancel()
     watching.cancel()
     rpc.close()
-    rpc_socket.unlink_if_ours()
+    prepared.rpc_socket.unlink_if_ours()
+    stopping = asyncio.create_task(pool.stop(WORKERS_STOP_S)) if pool is not None else None
     for runner in runners:
         await runner.cleanup()  # lets requests under way finish (aiohttp's shutdown timeout) before closing
+    if stopping is not None:
+        await stopping
     await runtime.close()  # flushes usage records still queued for Redis
     await loop.run_in_executor(None, tracing.shutdown)  # exports the spans still buffered
     log.info("plugin server stopped")

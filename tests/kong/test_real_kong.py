@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import secrets
 import threading
@@ -99,6 +100,7 @@ def receiver() -> Iterator[Any]:
 def kong(request: pytest.FixtureRequest, mock: MockProvider, receiver: Any) -> Iterator[RealKong]:
     ports = Ports()
     doc = declarative_config(ports.listener, mock.base_url, _models(mock))
+    _budgets_for_bob_only(doc)
     env = {"OPENAI_API_KEY": PROVIDER_KEY, "LLM_GATEWAY_TRACING": "on", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
            "OTEL_SERVICE_NAME": "llm-gateway-real-kong",
            # Kong's opentelemetry plugin with Kong's tracing off propagates "not sampled": trace anyway
@@ -118,6 +120,20 @@ def kong(request: pytest.FixtureRequest, mock: MockProvider, receiver: Any) -> I
         yield started
     finally:
         started.stop()
+
+
+def _budgets_for_bob_only(node: Any) -> None:
+    """kong.yml's memory budgets cover every consumer, which pins each to one plugin-server process
+    (kong/workers.py): leave alice unbudgeted, so her requests spread over the processes, and bob pinned."""
+    if isinstance(node, dict):
+        if node.get("name") == "llm-gateway" and isinstance(node.get("config"), dict):
+            for budget in node["config"].get("budgets") or ():
+                budget["consumers"] = ["bob"]
+        for value in node.values():
+            _budgets_for_bob_only(value)
+    elif isinstance(node, list):
+        for value in node:
+            _budgets_for_bob_only(value)
 
 
 def _openai(kong: RealKong, path: str = "/v1") -> openai.OpenAI:
@@ -313,6 +329,32 @@ def test_two_nginx_workers_share_one_plugin_server(kong: RealKong) -> None:
         statuses = {http.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers={"apikey": ALICE}).status_code
                     for _ in range(40)}
     assert statuses == {200}
+
+
+def test_every_plugin_server_process_serves_through_kong(kong: RealKong) -> None:
+    """The plugin server forks a worker per extra core; its access phase sends Kong to each in turn with
+    kong.service.set_target (kong/workers.py), JSON and streams, except a consumer with memory budgets."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: the plugin server runs one process")
+    with httpx.Client(timeout=30) as http:
+        answers = [http.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers={"apikey": ALICE})
+                   for _ in range(12)]
+        pinned = [http.post(f"{kong.url}/v1/chat/completions", json=HELLO, headers={"apikey": "demo-key-bob"})
+                  for _ in range(6)]
+    assert {r.status_code for r in answers + pinned} == {200}
+    assert len({r.headers["X-LLM-Gateway-Process"] for r in answers}) >= 2
+    assert len({_stream(kong).headers["X-LLM-Gateway-Process"] for _ in range(4)}) >= 2
+    # bob has memory budgets on the route: every request of his goes to the one process whose store charges him
+    assert len({r.headers["X-LLM-Gateway-Process"] for r in pinned}) == 1
+
+
+def _stream(kong: RealKong) -> httpx.Response:
+    """A streamed answer through Kong, read to its end."""
+    with httpx.stream("POST", f"{kong.url}/v1/chat/completions", json={**HELLO, "stream": True},
+                      headers={"apikey": ALICE}, timeout=30) as response:
+        body = response.read()
+    assert response.status_code == 200 and b"[DONE]" in body, body[:300]
+    return response
 
 
 def test_the_deadline_ends_before_kongs_read_timeout(kong: RealKong) -> None:

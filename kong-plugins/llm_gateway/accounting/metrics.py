@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
@@ -94,9 +95,6 @@ class Metrics:
         if self.multiprocess:  # values live in the mmap files; /metrics collects every process's files
             own = None
             self.registry = registry if registry is not None else CollectorRegistry()
-            from prometheus_client import multiprocess
-
-            multiprocess.MultiProcessCollector(self.registry)
         else:
             own = self.registry = registry if registry is not None else CollectorRegistry()
         self._consumer = _Capped(max_consumers)
@@ -126,6 +124,14 @@ class Metrics:
                                  ["alias", "from_provider", "to_provider"], registry=own)
         self.cooldowns = Counter("llm_gateway_cooldowns", "Deployments put in cooldown.", ["alias", "deployment"],
                                  registry=own)
+        self.process_restarts = Counter("llm_gateway_process_restarts", "Worker processes of the plugin server "
+                                        "restarted after they died (kong/workers.py).", registry=own)
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            self.registry.register(_EveryFamily(multiprocess.MultiProcessCollector(None), [
+                self.requests, self.tokens, self.cost, self.duration, self.ttft, self.overhead, self.estimated,
+                self.truncated, self.budget_rejections, self.fallbacks, self.cooldowns, self.process_restarts]))
 
     def observe(self, record: UsageRecord, overhead_s: float | None = None) -> None:
         """Count one finished request (never raises)."""
@@ -179,6 +185,28 @@ class Metrics:
     def cooldown(self, alias: str, deployment: str) -> None:
         self.cooldowns.labels(label_value(alias), label_value(deployment)).inc()
 
+    def process_restarted(self) -> None:
+        self.process_restarts.inc()
+
+
+class _EveryFamily:
+    """Every process's values (multiprocess mode), and the families no process has a sample of yet with their
+    HELP and TYPE lines, as a single process serves them: a scrape (or a dashboard) knows every metric from the
+    start, not only those that have counted something."""
+
+    def __init__(self, collector: Any, metrics: list[Any]) -> None:
+        self.collector = collector
+        self.metrics = metrics
+
+    def collect(self) -> Any:
+        families = list(self.collector.collect())
+        seen = {family.name for family in families}
+        yield from families
+        for metric in self.metrics:
+            for family in metric.describe():
+                if family.name not in seen:
+                    yield family
+
 
 def start_metrics_server(host: str, port: int, metrics: Metrics, health: Health | None = None) -> Any:
     """Serve ``metrics.registry`` (so, in multiprocess mode, the sum over every process) as Prometheus text on
@@ -190,7 +218,6 @@ def start_metrics_server(host: str, port: int, metrics: Metrics, health: Health 
     answers when the loop is stuck, which is when it matters, and health answers while the loop is still busy
     importing LiteLLM. Binding happens here, so a taken port raises OSError to the caller. Returns the WSGI
     server (``shutdown()`` stops it)."""
-    import threading
     from wsgiref.simple_server import make_server
 
     from prometheus_client import exposition
@@ -212,5 +239,26 @@ def start_metrics_server(host: str, port: int, metrics: Metrics, health: Health 
 
     Server.address_family, addr = exposition._get_best_family(host, port)
     server = make_server(addr, port, app, Server, handler_class=exposition._SilentHandler)
-    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    resume_metrics_server(server)
     return server
+
+
+def pause_metrics_server(server: Any, wait_s: float = 5.0) -> None:
+    """Stop serving (the socket stays bound: scrapes wait in its backlog) and wait until no thread of it runs:
+    the master forks its zygote in this moment (kong/workers.py), and a fork must not copy a thread that holds a
+    lock. Threads of anything else are reported, not waited for."""
+    import threading
+
+    server.shutdown()
+    deadline = time.monotonic() + wait_s
+    while threading.active_count() > 1 and time.monotonic() < deadline:
+        time.sleep(0.001)  # a scrape or health answer under way finishes in milliseconds
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        log.warning("threads still running at fork: %s", ", ".join(others))
+
+
+def resume_metrics_server(server: Any) -> None:
+    import threading
+
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()

@@ -11,7 +11,9 @@ already accepted connections go on), reads who came before from ``<socket>.serve
 that predecessor (SIGUSR2) to stop accepting. The predecessor closes its listening sockets at once and keeps
 serving what it already has until its own worker is gone (SIGTERM from Kong, or its parent's death). Tickets
 name their issuer: one minted by the predecessor that reaches the new listener in the moment of the switch is
-answered 503 retryable, not refused as a bypass (``ticket.PredecessorTicket``).
+answered 503 retryable, not refused as a bypass (``ticket.PredecessorTicket``). With several processes
+(``kong/workers.py``) only the master takes part: a predecessor master tells its workers to stop accepting and
+finish their streams too, and names itself in the tickets it still mints.
 """
 
 from __future__ import annotations

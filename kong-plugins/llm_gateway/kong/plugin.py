@@ -3,14 +3,15 @@
 The access phase only proves that a request went through Kong (see ``kong/ticket.py``): three PDK calls, four RPC
 round trips (plus one on an instance's first request, to learn the Service's read timeout), and Kong then
 proxies the untouched request to the plugin server's loopback listener, which does the LLM work and streams
-its answer back through Kong. There is deliberately no ``response`` phase: it would
-make Kong buffer the whole upstream response, streams included.
+its answer back through Kong. With several processes (``kong/workers.py``) it picks the one to serve the
+request, and when that is a worker one more PDK call, ``kong.service.set_target``, sends it there. There is
+deliberately no ``response`` phase: it would make Kong buffer the whole upstream response, streams included.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llm_gateway.accounting.tokens import warm_up
 from llm_gateway.config import GatewayConfig, parse_config
@@ -19,16 +20,20 @@ from llm_gateway.kong.rpc_server import PDK
 from llm_gateway.providers.upstream import check_model
 from llm_gateway.runtime import Runtime
 
+if TYPE_CHECKING:
+    from llm_gateway.kong.workers import ProcessPool
+
 
 class LLMGatewayPlugin:
     """One instance per (plugin config, nginx worker); equal configs share one parsed GatewayConfig."""
 
-    def __init__(self, raw_config: dict[str, Any], runtime: Runtime) -> None:
+    def __init__(self, raw_config: dict[str, Any], runtime: Runtime, pool: ProcessPool | None = None) -> None:
         parsed = parse_config(raw_config)
         for alias in parsed.models.values():
             for deployment in alias.deployments:
                 check_model(deployment.model)
         self.runtime = runtime
+        self.pool = pool  # the master's workers; None in a worker's mirror of the instance and with one process
         self.config = runtime.registry.acquire(parsed)
         self._timeouts_known = False
         runtime.watch(self.config)  # sweeps budget leases a crashed node left (accounting/leases.py)
@@ -50,7 +55,12 @@ class LLMGatewayPlugin:
             read_timeout = service.get("read_timeout") if isinstance(service, dict) else None
             if isinstance(read_timeout, int | float) and not isinstance(read_timeout, bool) and read_timeout > 0:
                 self.runtime.note_kong_read_timeout(self.config, read_timeout / 1000)
-        minted = self.runtime.tickets.mint(self.config.key, body, consumer)
+                if self.pool is not None:
+                    self.pool.read_timeout(self.config.key, read_timeout / 1000)
+        target = self.pool.pick(self.config, consumer) if self.pool is not None else None
+        if target is not None:  # a worker; the master is the Service's own URL
+            await kong.service.set_target(target.host, target.port)
+        minted = self.runtime.tickets.mint(self.config.key, body, consumer, target.token if target else None)
         await kong.service.request.set_header(ticket.HEADER, minted)
 
     def close(self) -> None:

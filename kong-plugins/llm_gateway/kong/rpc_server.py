@@ -59,6 +59,9 @@ class Handler(Protocol):
 
 
 HandlerFactory = Callable[[dict[str, Any]], Handler]
+#: awaited after an instance starts (its id, the config) and after it closes (its id): the worker processes
+#: (kong/workers.py) hold every instance before Kong hears of it
+InstanceHook = Callable[..., Awaitable[None]]
 
 
 class PDK:
@@ -110,9 +113,14 @@ class Instance:
 class PluginServer:
     """Instances, events and the RPC methods Kong calls."""
 
-    def __init__(self, name: str, factory: HandlerFactory, *, event_timeout: float = 55.0) -> None:
+    def __init__(self, name: str, factory: HandlerFactory, *, event_timeout: float = 55.0,
+                 on_start: InstanceHook | None = None, on_close: InstanceHook | None = None,
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.name = name
         self.factory = factory
+        self.on_start = on_start
+        self.on_close = on_close
+        self.status = status  # more of GetStatus (the processes)
         self.event_timeout = event_timeout  # below OpenResty's 60 s socket timeout, so we answer first
         self.instances: dict[int, Instance] = {}
         self.events: dict[int, Event] = {}
@@ -133,6 +141,8 @@ class PluginServer:
         except ValueError as exc:  # ConfigError: a message naming the field, no secret
             raise RPCError(f"invalid {self.name} config: {exc}") from None
         iid = next(self._instance_ids)
+        if self.on_start is not None:
+            await self.on_start(iid, config)
         self.instances[iid] = Instance(iid, self.name, config, handler)
         log.info("instance %d started", iid)
         return {"Name": self.name, "Id": iid, "Config": config, "StartTime": time.time()}
@@ -142,12 +152,16 @@ class PluginServer:
         if instance is None:
             raise RPCError(f"no plugin instance #{iid}")
         instance.handler.close()
+        if self.on_close is not None:
+            await self.on_close(iid)
         log.info("instance %d closed", iid)
         return {"Name": instance.name, "Id": iid, "Config": instance.config}
 
     async def rpc_GetStatus(self, *_: Any) -> dict[str, Any]:
         # GcFrozen: objects out of the collector's reach (cli._freeze_the_heap); not part of Kong's protocol
+        # Processes: the master and its workers (kong/workers.py), when status is given
         return {"Pid": os.getpid(), "Events": len(self.events), "GcFrozen": gc.get_freeze_count(),
+                **(self.status() if self.status is not None else {}),
                 "Plugins": {self.name: {
             "Name": self.name, "Instances": [
                 {"Name": i.name, "Id": i.id, "Config": i.config, "StartTime": i.started}

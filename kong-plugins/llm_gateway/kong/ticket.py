@@ -5,6 +5,11 @@ reach a loopback port, so the listener trusts nothing but a ticket: an HMAC, key
 process, over the config the request was admitted under, a single-use nonce, an expiry, the consumer, and the
 SHA-256 of the body. A body the access phase could not read (Kong gave nil) is marked unbound; the listener answers
 those with 413 whatever they contain.
+
+Several processes (``kong/workers.py``) share one secret and one issuer, and each has a target of its own: the
+issuer field is ``<issuer>-<target>``, so the MAC covers the process the access phase sent the request to, and
+a process refuses a ticket minted for another one. Each process remembers the nonces it consumed, so single use
+stays exact without any state shared between processes.
 """
 
 from __future__ import annotations
@@ -60,13 +65,16 @@ def _unb64(text: str) -> str:
 
 
 class TicketBook:
-    """Mints and checks tickets. One per process; the secret never leaves memory."""
+    """Mints and checks tickets. Born in the master before any worker exists, which inherits it by fork (the
+    secret never leaves memory: not on disk, not in argv or the environment); each process then sets its own
+    ``target``."""
 
     def __init__(self, ttl_seconds: float = 30.0, secret: bytes | None = None,
                  predecessors: frozenset[str] = frozenset()) -> None:
         self.ttl = ttl_seconds
         self._secret = secret or secrets.token_bytes(32)
-        self.issuer = secrets.token_hex(4)  # names this process's tickets (not a secret)
+        self.issuer = secrets.token_hex(4)  # names this plugin server's tickets, all its processes (not a secret)
+        self.target = secrets.token_hex(4)  # names this process among them (a worker gets a fresh one at birth)
         self.predecessors = predecessors  # issuers of the plugin servers this one replaced
         self._used: set[str] = set()
         self._used_order: deque[tuple[float, str]] = deque()
@@ -75,13 +83,14 @@ class TicketBook:
         mac = hmac.new(self._secret, f"{payload}|{body_digest}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
-    def mint(self, config_key: str, body: bytes | None, consumer: dict | None) -> str:
-        """A ticket for this request; ``body`` is None when the access phase could not read it (too large)."""
+    def mint(self, config_key: str, body: bytes | None, consumer: dict | None, target: str | None = None) -> str:
+        """A ticket for this request; ``body`` is None when the access phase could not read it (too large);
+        ``target`` names the process that will serve it (default: this one)."""
         consumer = consumer or {}
         expires = str(int((time.time() + self.ttl) * 1000))  # ms: no "." inside a "."-separated ticket
         fields = [VERSION, config_key, secrets.token_urlsafe(12), expires,
                   _b64(str(consumer.get("id") or "")), _b64(str(consumer.get("username") or "")),
-                  "b" if body is not None else "u", self.issuer]
+                  "b" if body is not None else "u", f"{self.issuer}-{target or self.target}"]
         payload = ".".join(fields)
         digest = hashlib.sha256(body).hexdigest() if body is not None else UNBOUND
         return f"{payload}.{self._mac(payload, digest)}"
@@ -93,8 +102,9 @@ class TicketBook:
         parts = ticket.split(".")
         if len(parts) != 9 or parts[0] != VERSION or parts[6] not in ("b", "u"):
             raise TicketError("malformed ticket")
-        if parts[7] != self.issuer:
-            if parts[7] in self.predecessors:
+        issuer, _, target = parts[7].partition("-")  # a predecessor of an older release has no target
+        if issuer != self.issuer:
+            if issuer in self.predecessors:
                 raise PredecessorTicket("ticket of the previous plugin server")
             raise TicketError("ticket of another issuer")
         payload, mac = ".".join(parts[:8]), parts[8]
@@ -107,6 +117,8 @@ class TicketBook:
         expires = int(parts[3]) / 1000
         if expires < now:
             raise TicketError("expired ticket")
+        if target != self.target:  # before the nonce: the process it was minted for may still be served it
+            raise TicketError("ticket minted for another process")
         self._forget_expired(now)
         nonce = parts[2]
         if nonce in self._used:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -202,6 +203,7 @@ class Listener:
     def _exchange(self, request: web.Request, errors: ErrorFormat) -> _Exchange:
         kong_id = request.headers.get("X-Kong-Request-Id", "")[:64]  # Kong's is 32 hex digits; a bypass may send any
         ex = _Exchange(headers={"X-Request-ID": kong_id or uuid.uuid4().hex}, errors=errors)
+        ex.headers["X-LLM-Gateway-Process"] = str(os.getpid())  # which process served it (kong/workers.py)
         logs.request_id.set(ex.request_id)  # every log line of this request's task carries it
         client_request_id = client_request_id_of(request)
         if client_request_id:  # Kong's id stays X-Request-ID; the client's own is echoed, not lost

@@ -13,6 +13,8 @@ server (a thread, see ``metrics.start_metrics_server``) before the import and re
   every Redis that a route's fail-closed budgets depend on answered its last PING (probed every
   ``PROBE_INTERVAL_S`` by ``watch``, at the route's own ``redis.timeout``). Routes are known once Kong has
   started their plugin instances (on their first request), so a Redis only counts from then on.
+  With several processes, the master's readiness also needs every worker serving (``Health.extra``, from
+  ``kong/workers.py``).
 
 Both answer JSON: ``{"status": "ok"|"starting"|"failing", "phase": ..., "pid": ..., "checks": {...}}`` (the
 pid tells which plugin server answered, across a kong reload's hand-over). Check names
@@ -70,6 +72,8 @@ class Health:
     phase: str = "starting"
     heartbeat: float | None = None  # time.monotonic() of the loop's last stamp
     redis: dict[str, Probe] = field(default_factory=dict)
+    # more readiness checks, read from the HTTP server's threads: the worker processes (kong/workers.py)
+    extra: Callable[[], dict[str, dict[str, Any]]] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def enter(self, phase: str) -> None:
@@ -116,6 +120,11 @@ class Health:
             fresh = now - probe.at <= max(3 * PROBE_INTERVAL_S, self.stale_after)
             checks[name] = {"ok": probe.ok and fresh,
                             "detail": probe.detail if fresh else f"last probe {now - probe.at:.0f} s ago"}
+        if self.extra is not None:
+            try:
+                checks.update(self.extra())
+            except Exception as exc:  # a report that fails is not ready, and never a 500
+                checks["processes"] = {"ok": False, "detail": f"unknown ({type(exc).__name__})"}
         ok = all(check["ok"] for check in checks.values())
         status = "ok" if ok else "starting" if self.phase in ("starting", "importing", "warming_up") else "failing"
         return (200 if ok else 503), {"status": status, "phase": self.phase, "pid": os.getpid(), "checks": checks}
