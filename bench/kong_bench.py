@@ -16,8 +16,10 @@ closed loop, 16 connections, as in issue 13's reference measurement; bench/loadg
 JSON latency at a fixed rate (bench/loadgen.py, open loop, half of ours' saturation: the load of the overhead
 target), and 100 concurrent streams of 50 chunks 20 ms apart (TTFT, CPU per chunk). CPU is read from /proc
 over each measured window, per process group: nginx (master + workers), the plugin server (and its children),
-LiteLLM Proxy (and its children), the mock. All with 1 and with 2 nginx workers (a fresh Kong each); the plugin
-server has one process (a multi-process plugin server is not implemented yet, and the table says so).
+LiteLLM Proxy (and its children), the mock. All with 1 and with 2 nginx workers and with 1 and N plugin-server
+processes (N = the machine's cores; a fresh Kong each). With N processes, the route's budgets are in Redis (the
+only store every process shares: with memory budgets a consumer's requests stay on one process), and LiteLLM
+Proxy's row comes from the 1-process Kong.
 
     bench/run --kong [--smoke] [--rounds N] [--duration S]     (bench/run alone runs it after the harness one)
 """
@@ -61,6 +63,7 @@ GATEWAY = {MOCK: ("nginx",), AI_PROXY: ("nginx",), OURS: ("nginx", "plugin serve
 @dataclass
 class Settings:
     workers: tuple[int, ...]
+    processes: tuple[int, ...]  # plugin-server processes (serve --processes)
     rounds: int
     duration: float  # seconds per measured cell
     prewarm: float  # seconds of load per path before its first cell, not counted
@@ -70,8 +73,10 @@ class Settings:
     with_proxy: bool  # LiteLLM Proxy behind Kong (skipped by --smoke: it imports for ~10 s)
 
 
-FULL = Settings((1, 2), 3, 8.0, 2.0, 100, 2.0, True, True)
-SMOKE = Settings((1,), 1, 1.0, 0.0, 20, 0.5, False, False)  # a few seconds of cells, no pre-warm
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+FULL = Settings((1, 2), tuple(sorted({1, CORES})), 3, 8.0, 2.0, 100, 2.0, True, True)
+SMOKE = Settings((1,), (1,), 1, 1.0, 0.0, 20, 0.5, False, False)  # a few seconds of cells, no pre-warm
+REDIS_URL = os.environ.get("LLM_GATEWAY_BENCH_REDIS", "redis://127.0.0.1:6379/15")
 
 
 @dataclass
@@ -89,19 +94,23 @@ class Route:
 
 
 # -- Kong's declarative config -----------------------------------------------------------------------------
-def bench_doc(ports: Ports, mock: stack.MockProcess, proxy_url: str | None) -> dict[str, Any]:
+def bench_doc(ports: Ports, mock: stack.MockProcess, proxy_url: str | None, redis: bool = False) -> dict[str, Any]:
     """The shipped kong.yml (tests/real_kong.py's declarative_config) reduced to its LLM route, with our
-    aliases at the mock, plus the three peer routes behind the same key-auth + rate-limiting."""
+    aliases at the mock, plus the three peer routes behind the same key-auth + rate-limiting; ``redis``: the
+    budgets in Redis (a run's own key prefix) instead of the plugin server's memory."""
     models = [{"name": alias, "deployments": [{"model": f"openai/{model}", "api_base": mock.openai_base,
                                                 "api_key_env": "OPENAI_API_KEY"}]} for alias, model in ALIASES.items()]
 
     def mutate(doc: dict[str, Any]) -> None:
         llm = doc["services"][0]
-        llm["routes"] = llm["routes"][:1]  # the chat-completions route; the test tier's extra routes go
-        route = llm["routes"][0]
+        llm["routes"] = llm["routes"][:1]  # the llm-api route; the models route and the test tier's extras go
         # the same front door everywhere: pre-function (a bearer-token convenience) is not part of it
-        route["plugins"] = [p for p in route["plugins"] if p["name"] != "pre-function"]
-        by_name = {p["name"]: p for p in route["plugins"]}
+        llm["plugins"] = [p for p in llm["plugins"] if p["name"] != "pre-function"]
+        by_name = {p["name"]: p for p in llm["plugins"]}
+        if redis:
+            prefix = f"llmgw-bench-{os.getpid()}-{time.time_ns()}:"
+            by_name["llm-gateway"]["config"]["redis"] = {"url": REDIS_URL, "key_prefix": prefix,
+                                                         "usage_stream": f"{prefix}usage"}
         by_name["rate-limiting"]["config"]["minute"] = RATE_LIMIT_PER_MINUTE
         front = [by_name["key-auth"], by_name["rate-limiting"]]
 
@@ -145,12 +154,15 @@ def routes(kong_url: str, mock: stack.MockProcess, with_proxy: bool) -> list[Rou
 
 class BenchKong(LocalKong):
     """LocalKong with what a benchmark changes: Kong's default log level (the test tier's INFO shows the
-    plugin server's lines), no Kong Manager, no status listener."""
+    plugin server's lines), no Kong Manager, no status listener, the plugin server's process count."""
+
+    processes = 1
 
     def write_conf(self, prefix: Path, ports: Ports, doc_path: Path, workers: int) -> Path:
         conf = super().write_conf(prefix, ports, doc_path, workers)
         settings = dict(line.split(" = ", 1) for line in conf.read_text().splitlines() if " = " in line)
         settings.update({"log_level": "notice", "admin_gui_listen": "off", "status_listen": "off"})
+        settings["pluginserver_llm_gateway_start_cmd"] += f" --processes {self.processes}"
         conf.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         return conf
 
@@ -402,11 +414,16 @@ def _errors(*cells: Cell) -> str:
     return str(count) + (f" ({first.replace('|', '/')[:80]})" if first else "")
 
 
-def json_table(workers: int, paths: list[Route], run: dict[str, Any], with_wrk: bool) -> list[str]:
+def _title(kind: str, workers: int, count: int) -> str:
+    return (f"#### {kind}, {workers} nginx worker{'s' if workers > 1 else ''}, {count} plugin-server "
+            f"process{'es' if count > 1 else ''}" + (" (budgets in Redis)" if count > 1 else ""))
+
+
+def json_table(workers: int, count: int, paths: list[Route], run: dict[str, Any], with_wrk: bool) -> list[str]:
     cells, rates = run["cells"], run["rates"]
     floor = cells.get((MOCK, "rate-json"), Cell()).latency
     tool = "wrk -t1 -c16" if with_wrk else "bench/loadgen.py, concurrency 16"
-    lines = [f"#### JSON, {workers} nginx worker{'s' if workers > 1 else ''}, 1 plugin-server process", "",
+    lines = [_title("JSON", workers, count), "",
              f"Saturation: {tool} (closed loop; latency is the closed loop's). At rate: bench/loadgen.py open "
              "loop at half of ours' saturated throughput (Kong → LiteLLM Proxy: half of its own), timed from "
              "each request's scheduled instant; `over floor` is the p99 minus Kong → mock's at the same rate. "
@@ -432,15 +449,13 @@ def json_table(workers: int, paths: list[Route], run: dict[str, Any], with_wrk: 
             _pair(pct(rate.latency, 0.5), pct(rate.latency, 0.99)), fmt(over, 1),
             fmt(sat.per_request("mock"), 3), f"{_max(sat.others)} / {_max(rate.others)}",
             _errors(sat, rate) + " |"]))
-        if route.name == OURS:
-            lines.append(f"| {OURS}, N plugin-server processes | not implemented yet: the plugin server runs "
-                         "one process today |" + " |" * 12)
     return lines
 
 
-def stream_table(workers: int, paths: list[Route], run: dict[str, Any], settings: Settings) -> list[str]:
+def stream_table(workers: int, count: int, paths: list[Route], run: dict[str, Any],
+                 settings: Settings) -> list[str]:
     cells = run["cells"]
-    lines = [f"#### Streams, {workers} nginx worker{'s' if workers > 1 else ''}, 1 plugin-server process", "",
+    lines = [_title("Streams", workers, count), "",
              f"{settings.stream_concurrency} concurrent streams (closed loop, bench/loadgen.py), each 50 content "
              "chunks 20 ms apart from the mock; TTFT from the request's start to the first content chunk. CPU ms "
              "per chunk received (SSE data lines), from /proc over the measured windows.", "",
@@ -457,8 +472,6 @@ def stream_table(workers: int, paths: list[Route], run: dict[str, Any], settings
             fmt(cell.per_chunk("LiteLLM Proxy"), 3) if route.name == PROXY else "–",
             fmt(cell.per_chunk(*GATEWAY[route.name]), 3), fmt(cell.per_chunk("mock"), 3), _max(cell.others),
             _errors(cell) + " |"]))
-        if route.name == OURS:
-            lines.append(f"| {OURS}, N plugin-server processes | not implemented yet |" + " |" * 9)
     return lines
 
 
@@ -470,12 +483,13 @@ def _status(value: float, limit: float, higher_is_better: bool = False) -> str:
     return "met" if ok else "missed"
 
 
-def targets_table(runs: dict[int, dict[str, Any]], settings: Settings) -> list[str]:
-    """Issue 13's targets against the peers measured in the same run. Nothing is asserted."""
-    lines = ["| target (issue 13) | before (issue 13) | nginx workers | measured in this run | status |",
+def targets_table(runs: dict[tuple[int, int], dict[str, Any]], settings: Settings) -> list[str]:
+    """Issue 13's targets against the peers measured in the same run (the same Kong). Nothing is asserted."""
+    lines = ["| target (issue 13) | before (issue 13) | nginx workers, processes | measured in this run | status |",
              "|---|---|---|---|---|"]
-    for workers, run in runs.items():
+    for (workers_, count), run in runs.items():
         cells = run["cells"]
+        workers = f"{workers_}, {count}"  # the column: nginx workers, plugin-server processes
 
         def get(name: str, kind: str, _cells: dict = cells) -> Cell:
             return _cells.get((name, kind), Cell())
@@ -524,15 +538,19 @@ def targets_table(runs: dict[int, dict[str, Any]], settings: Settings) -> list[s
                          f"{fmt(ours.rps / p_sat.rps, 1)}× ({fmt(ours.rps, 0)} vs {fmt(p_sat.rps, 0)}); gateway CPU "
                          f"per request {fmt(cpu_vs_proxy, 2)}×; per chunk {fmt(chunk_vs_proxy, 2)}×; TTFT p99 "
                          f"{fmt(t_ours, 0)} vs {fmt(pct(p_streams.ttft, 0.99), 0)} ms | – |")
-    if 1 in runs and 2 in runs:
-        one, two = runs[1]["cells"].get((OURS, "sat-json"), Cell()), runs[2]["cells"].get((OURS, "sat-json"), Cell())
-        shown = (f"not implemented yet (one plugin-server process); with 1 process, 2 workers / 1 worker: "
-                 f"{fmt(two.rps / one.rps if one.rps else math.nan, 2)}× ({fmt(two.rps, 0)} vs {fmt(one.rps, 0)} "
-                 "req/s)")
+    many = max(settings.processes)
+    if (2, 1) in runs and (2, many) in runs and many > 1:
+        for kind, what in (("sat-json", "req/s"), ("streams", "streams/s")):
+            one = runs[(2, 1)]["cells"].get((OURS, kind), Cell())
+            all_ = runs[(2, many)]["cells"].get((OURS, kind), Cell())
+            scale = all_.rps / one.rps if one.rps else math.nan
+            lines.append(f"| plugin server scaling ≥ 1.7× with {many} processes on a 2-worker Kong ({kind}) | – | "
+                         f"2, 1 → 2, {many} | {fmt(scale, 2)}× ({fmt(all_.rps, 1)} vs {fmt(one.rps, 1)} {what}; "
+                         f"{many} processes with budgets in Redis, 1 with budgets in memory) | "
+                         f"{_status(scale, 1.7, True)} |")
     else:
-        shown = "not implemented yet (one plugin-server process)"
-    lines.append(f"| plugin server scaling ≥ 1.7× with 2 processes on a 2-worker Kong | – | 2 | {shown} "
-                 "| not implemented yet |")
+        lines.append("| plugin server scaling ≥ 1.7× on a 2-worker Kong | – | 2 | not in this run (--smoke, or one "
+                     "core) | not measured |")
     return lines
 
 
@@ -543,11 +561,13 @@ def available() -> tuple[str | None, str]:
 
 
 @contextlib.contextmanager
-def kong_for(binary: str, workers: int, mock: stack.MockProcess,
+def kong_for(binary: str, workers: int, processes: int, mock: stack.MockProcess,
              proxy: stack.ProxyProcess | None) -> Iterator[BenchKong]:
     ports = Ports()
     env = {"OPENAI_API_KEY": stack.PROVIDER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    kong = BenchKong(binary, bench_doc(ports, mock, proxy.url if proxy else None), ports, env, workers)
+    BenchKong.processes = processes  # read by write_conf, which the constructor calls
+    kong = BenchKong(binary, bench_doc(ports, mock, proxy.url if proxy else None, redis=processes > 1), ports,
+                     env, workers)
     try:
         kong.start()
         wait_until_serving(kong, {"model": "bench-json", "messages": MESSAGES}, stack.CLIENT_KEY)
@@ -571,7 +591,7 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None) -
     settings.rounds = rounds or settings.rounds
     settings.duration = duration or settings.duration
     started = time.monotonic()
-    runs: dict[int, dict[str, Any]] = {}
+    runs: dict[tuple[int, int], dict[str, Any]] = {}
     notes: list[str] = []
     paths: list[Route] = []
     with contextlib.ExitStack() as processes:
@@ -589,26 +609,31 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None) -
         loadgen = LoadGen()
         try:
             for workers in settings.workers:
-                starting = time.monotonic()
-                with kong_for(binary, workers, mock, proxy) as kong:
-                    group = Processes(kong, mock, proxy)
-                    paths = routes(kong.url, mock, proxy is not None)
-                    print(f"real Kong, {workers} worker(s): serving {time.monotonic() - starting:.1f} s after "
-                          "`kong start`", file=sys.stderr)
-                    noise = OtherLoad(lambda g=group: [p for ps in g.groups().values() for p in ps]
-                                      + [loadgen.proc.pid, os.getpid()])
-                    driver = Driver(group, loadgen)
-                    runs[workers] = measure(driver, paths, settings, workers)
-                    runs[workers]["wrk"] = driver.wrk is not None
-                    share, text = noise.report()
-                    runs[workers]["noise"] = share
-                    notes.append(f"{workers} nginx worker(s): {text}")
+                for count in settings.processes:
+                    starting = time.monotonic()
+                    with kong_for(binary, workers, count, mock, proxy) as kong:
+                        group = Processes(kong, mock, proxy)
+                        # LiteLLM Proxy does not depend on our process count: measured once per worker count
+                        run_paths = [r for r in routes(kong.url, mock, proxy is not None)
+                                     if count == 1 or r.name != PROXY]
+                        paths = run_paths if count == 1 else paths
+                        print(f"real Kong, {workers} worker(s), {count} plugin-server process(es): serving "
+                              f"{time.monotonic() - starting:.1f} s after `kong start`", file=sys.stderr)
+                        noise = OtherLoad(lambda g=group: [p for ps in g.groups().values() for p in ps]
+                                          + [loadgen.proc.pid, os.getpid()])
+                        driver = Driver(group, loadgen)
+                        result = runs[(workers, count)] = measure(driver, run_paths, settings, workers)
+                        result["wrk"] = driver.wrk is not None
+                        share, text = noise.report()
+                        result["noise"] = share
+                        notes.append(f"{workers} nginx worker(s), {count} process(es): {text}")
         finally:
             loadgen.close()
     lines = header(binary, smoke, settings) + [f"* note: {n}" for n in notes]
-    for workers, result in runs.items():
-        lines += ["", *json_table(workers, paths, result, result["wrk"]), "",
-                  *stream_table(workers, paths, result, settings)]
+    for (workers, count), result in runs.items():
+        shown = [r for r in paths if (r.name, "sat-json") in result["cells"]]
+        lines += ["", *json_table(workers, count, shown, result, result["wrk"]), "",
+                  *stream_table(workers, count, shown, result, settings)]
     lines += ["", "#### Issue 13's targets, against the peers in this run", "", *targets_table(runs, settings), "",
               f"Wall time {time.monotonic() - started:.0f} s."]
     write("kong-smoke" if smoke else "kong", lines)

@@ -187,7 +187,7 @@ def kong(plugin_server: PluginServerProcess, mock_provider: MockProvider) -> Ite
 def usage_records(server: PluginServerProcess) -> dict[str, dict[str, Any]]:
     """The usage records the plugin server logged (one JSON log line each, ``"event": "usage"``), by request id."""
     records = {}
-    for line in server.stderr_text().splitlines():
+    for line in server.log_lines():
         start = line.find('{"ts":')  # Kong prefixes the lines it copies into its error log
         if start < 0 or '"event":"usage"' not in line:
             continue

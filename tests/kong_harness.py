@@ -91,6 +91,14 @@ class PluginServerProcess:
     def stderr_text(self) -> str:
         return Path(self.stderr_path).read_text(errors="replace")
 
+    def log_lines(self) -> list[str]:
+        """The server's log lines written so far, whole: a line it is still writing is left for the next read."""
+        text = self.stderr_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines.pop()
+        return lines
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

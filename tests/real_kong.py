@@ -235,8 +235,11 @@ class LocalKong(RealKong):
         return conf
 
     def _kong(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        # the tests' own plugin servers run one process (conftest.py): Kong's runs the default, one per core,
+        # unless this Kong's env says otherwise
+        inherited = {k: v for k, v in os.environ.items() if k != "LLM_GATEWAY_PROCESSES"}
         return subprocess.run([self.binary, *args], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **self.env})
+                              env={**inherited, **self.env})
 
     def start(self) -> LocalKong:
         result = self._kong("start", "-c", str(self.conf))

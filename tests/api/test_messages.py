@@ -47,7 +47,7 @@ def records_of(server: PluginServerProcess, request_id: str) -> list[dict[str, A
     """Every usage record the server logged for one request (there must be exactly one)."""
     wait_for_record(server, request_id)
     time.sleep(0.2)  # a second record would follow the first within the same settlement
-    return [json.loads(line[line.find('{"ts":'):]) for line in server.stderr_text().splitlines()
+    return [json.loads(line[line.find('{"ts":'):]) for line in server.log_lines()
             if '"event":"usage"' in line and f'"request_id":"{request_id}"' in line]
 
 

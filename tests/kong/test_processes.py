@@ -235,7 +235,9 @@ def test_a_killed_worker_is_restarted_and_requests_keep_succeeding(two: PluginSe
         assert _ready(two) == 503  # /health/ready says so until it is back
         while not processes(two)[1]["Serving"]:  # meanwhile the master serves alone, with no retry
             response = post(kong)
-            assert response.status_code == 200 and int(response.headers[PROCESS]) == two.pid, response.text
+            assert response.status_code == 200, response.text
+            if int(response.headers[PROCESS]) != two.pid:  # only the reborn worker, once it serves again
+                assert processes(two)[1]["Serving"], "a request went to the dead worker"
         [reborn] = [r for r in processes(two) if r["Role"] == "worker"]
         assert reborn["Pid"] != worker["Pid"]
         served = [post(kong, model) for model in ("demo", "gpt") * 2]

@@ -88,7 +88,7 @@ def assert_openai_error(body: bytes, status_code: str | None = None) -> dict:
 
 def log_lines_for(server: PluginServerProcess, request_id: str) -> list[dict]:
     """The plugin server's JSON log lines about one request (its request_id field, or naming it)."""
-    lines = [json.loads(line) for line in server.stderr_text().splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in server.log_lines() if line.startswith("{")]
     return [line for line in lines if line.get("request_id") == request_id or request_id in line.get("message", "")]
 
 
@@ -133,7 +133,7 @@ def test_accounting_failure_at_stream_end_ends_the_stream_cleanly(faulty_kong: K
     request_id = response.headers["X-Request-ID"]
     wait_for(lambda: delta(before, requests_by_status(faulty_server.metrics)) == {"502": 1})  # type: ignore[attr-defined]
     lines = log_lines_for(faulty_server, request_id)
-    assert not any("Traceback" in line for line in faulty_server.stderr_text().splitlines())
+    assert not any("Traceback" in line for line in faulty_server.log_lines())
     assert sum(line["level"] == "ERROR" for line in lines) <= 1, lines
 
 
