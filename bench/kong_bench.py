@@ -71,6 +71,7 @@ class Settings:
     stream_warmup: float
     rate_cells: bool  # the fixed-rate JSON cells (skipped by --smoke)
     with_proxy: bool  # LiteLLM Proxy behind Kong (skipped by --smoke: it imports for ~10 s)
+    budgets: str = "auto"  # ours' budgets: auto (memory with 1 process, Redis with more), redis, memory
 
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -414,16 +415,16 @@ def _errors(*cells: Cell) -> str:
     return str(count) + (f" ({first.replace('|', '/')[:80]})" if first else "")
 
 
-def _title(kind: str, workers: int, count: int) -> str:
+def _title(kind: str, workers: int, count: int, redis: bool) -> str:
     return (f"#### {kind}, {workers} nginx worker{'s' if workers > 1 else ''}, {count} plugin-server "
-            f"process{'es' if count > 1 else ''}" + (" (budgets in Redis)" if count > 1 else ""))
+            f"process{'es' if count > 1 else ''}, ours' budgets in {'Redis' if redis else 'memory'}")
 
 
 def json_table(workers: int, count: int, paths: list[Route], run: dict[str, Any], with_wrk: bool) -> list[str]:
     cells, rates = run["cells"], run["rates"]
     floor = cells.get((MOCK, "rate-json"), Cell()).latency
     tool = "wrk -t1 -c16" if with_wrk else "bench/loadgen.py, concurrency 16"
-    lines = [_title("JSON", workers, count), "",
+    lines = [_title("JSON", workers, count, run.get("redis", False)), "",
              f"Saturation: {tool} (closed loop; latency is the closed loop's). At rate: bench/loadgen.py open "
              "loop at half of ours' saturated throughput (Kong → LiteLLM Proxy: half of its own), timed from "
              "each request's scheduled instant; `over floor` is the p99 minus Kong → mock's at the same rate. "
@@ -455,7 +456,7 @@ def json_table(workers: int, count: int, paths: list[Route], run: dict[str, Any]
 def stream_table(workers: int, count: int, paths: list[Route], run: dict[str, Any],
                  settings: Settings) -> list[str]:
     cells = run["cells"]
-    lines = [_title("Streams", workers, count), "",
+    lines = [_title("Streams", workers, count, run.get("redis", False)), "",
              f"{settings.stream_concurrency} concurrent streams (closed loop, bench/loadgen.py), each 50 content "
              "chunks 20 ms apart from the mock; TTFT from the request's start to the first content chunk. CPU ms "
              "per chunk received (SSE data lines), from /proc over the measured windows.", "",
@@ -546,7 +547,8 @@ def targets_table(runs: dict[tuple[int, int], dict[str, Any]], settings: Setting
             scale = all_.rps / one.rps if one.rps else math.nan
             lines.append(f"| plugin server scaling ≥ 1.7× with {many} processes on a 2-worker Kong ({kind}) | – | "
                          f"2, 1 → 2, {many} | {fmt(scale, 2)}× ({fmt(all_.rps, 1)} vs {fmt(one.rps, 1)} {what}; "
-                         f"{many} processes with budgets in Redis, 1 with budgets in memory) | "
+                         f"budgets in {'Redis' if runs[(2, many)].get('redis') else 'memory'} with {many}, in "
+                         f"{'Redis' if runs[(2, 1)].get('redis') else 'memory'} with 1) | "
                          f"{_status(scale, 1.7, True)} |")
     else:
         lines.append("| plugin server scaling ≥ 1.7× on a 2-worker Kong | – | 2 | not in this run (--smoke, or one "
@@ -562,12 +564,12 @@ def available() -> tuple[str | None, str]:
 
 @contextlib.contextmanager
 def kong_for(binary: str, workers: int, processes: int, mock: stack.MockProcess,
-             proxy: stack.ProxyProcess | None) -> Iterator[BenchKong]:
+             proxy: stack.ProxyProcess | None, redis: bool) -> Iterator[BenchKong]:
     ports = Ports()
     env = {"OPENAI_API_KEY": stack.PROVIDER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     BenchKong.processes = processes  # read by write_conf, which the constructor calls
-    kong = BenchKong(binary, bench_doc(ports, mock, proxy.url if proxy else None, redis=processes > 1), ports,
-                     env, workers)
+    kong = BenchKong(binary, bench_doc(ports, mock, proxy.url if proxy else None, redis=redis), ports, env,
+                     workers)
     try:
         kong.start()
         wait_until_serving(kong, {"model": "bench-json", "messages": MESSAGES}, stack.CLIENT_KEY)
@@ -581,8 +583,12 @@ def kong_version(binary: str) -> str:
     return (result.stdout or result.stderr).strip().splitlines()[-1] if result.returncode == 0 else "unknown"
 
 
-def run(smoke: bool, rounds: int | None = None, duration: float | None = None) -> int:
-    """The real-Kong comparison; writes bench/results/kong[-smoke]-*.md. Returns 1 when a path erred."""
+def run(smoke: bool, rounds: int | None = None, duration: float | None = None,
+        workers: tuple[int, ...] | None = None, processes: tuple[int, ...] | None = None,
+        budgets: str = "auto") -> int:
+    """The real-Kong comparison; writes bench/results/kong[-smoke]-*.md. Returns 1 when a path erred.
+    ``budgets``: where ours keeps the route's budgets: ``auto`` (memory with one process, Redis with more),
+    ``redis`` or ``memory`` (the latter pins each consumer to one process: no spread)."""
     binary, why = available()
     if binary is None:
         print(f"real Kong: skipped, {why}", file=sys.stderr)
@@ -590,6 +596,9 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None) -
     settings = copy.deepcopy(SMOKE if smoke else FULL)
     settings.rounds = rounds or settings.rounds
     settings.duration = duration or settings.duration
+    settings.workers = workers or settings.workers
+    settings.processes = processes or settings.processes
+    settings.budgets = budgets
     started = time.monotonic()
     runs: dict[tuple[int, int], dict[str, Any]] = {}
     notes: list[str] = []
@@ -611,7 +620,8 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None) -
             for workers in settings.workers:
                 for count in settings.processes:
                     starting = time.monotonic()
-                    with kong_for(binary, workers, count, mock, proxy) as kong:
+                    in_redis = settings.budgets == "redis" or (settings.budgets == "auto" and count > 1)
+                    with kong_for(binary, workers, count, mock, proxy, in_redis) as kong:
                         group = Processes(kong, mock, proxy)
                         # LiteLLM Proxy does not depend on our process count: measured once per worker count
                         run_paths = [r for r in routes(kong.url, mock, proxy is not None)
@@ -626,6 +636,7 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None) -
                         result["wrk"] = driver.wrk is not None
                         share, text = noise.report()
                         result["noise"] = share
+                        result["redis"] = in_redis
                         notes.append(f"{workers} nginx worker(s), {count} process(es): {text}")
         finally:
             loadgen.close()
@@ -661,5 +672,18 @@ def header(binary: str, smoke: bool, settings: Settings) -> list[str]:
             f"{settings.prewarm:g} s of load per path first, not counted", ""]
 
 
+def _option(name: str) -> str | None:
+    args = sys.argv[1:]
+    return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
+
+
+def _counts(name: str) -> tuple[int, ...] | None:
+    value = _option(name)
+    return tuple(int(v) for v in value.split(",")) if value else None
+
+
 if __name__ == "__main__":
-    sys.exit(run("--smoke" in sys.argv))
+    # bench/kong_bench.py [--smoke] [--rounds N] [--workers 1,2] [--processes 1,2] [--budgets auto|redis|memory]
+    rounds = _option("--rounds")
+    sys.exit(run("--smoke" in sys.argv, int(rounds) if rounds else None, workers=_counts("--workers"),
+                 processes=_counts("--processes"), budgets=_option("--budgets") or "auto"))

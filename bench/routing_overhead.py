@@ -74,7 +74,8 @@ async def main(calls: int, rounds: int) -> None:
     from llm_gateway.providers import chat as providers
     from llm_gateway.providers.openai_compatible import Usage
     from llm_gateway.routing.router import Router
-    from llm_gateway.routing.state import MemoryRoutingState, RedisRoutingState
+    from llm_gateway.routing.state_stores.memory import MemoryRoutingState
+    from llm_gateway.routing.state_stores.redis import RedisRoutingState
 
     mock, base = start_mock()
     try:

@@ -11,13 +11,17 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_gateway.accounting.budgets import BudgetStore, MemoryBudgetStore, RedisBudgetStore
+from llm_gateway.accounting.budget_stores.memory import MemoryBudgetStore
+from llm_gateway.accounting.budget_stores.redis import RedisBudgetStore
+from llm_gateway.accounting.budgets import BudgetStore
 from llm_gateway.accounting.metrics import Metrics
 from llm_gateway.accounting.records import RecordSink
 from llm_gateway.config import ConfigRegistry, GatewayConfig, RedisSettings
 from llm_gateway.kong.ticket import TicketBook
 from llm_gateway.routing.router import Router
-from llm_gateway.routing.state import MemoryRoutingState, RedisRoutingState, RoutingState
+from llm_gateway.routing.state import RoutingState
+from llm_gateway.routing.state_stores.memory import MemoryRoutingState
+from llm_gateway.routing.state_stores.redis import RedisRoutingState
 
 log = logging.getLogger("llm_gateway.runtime")
 

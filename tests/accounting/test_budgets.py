@@ -12,12 +12,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from conftest import REDIS_URL, RedisNodes
+from llm_gateway.accounting.budget_stores.memory import MemoryBudgetStore
+from llm_gateway.accounting.budget_stores.redis import RedisBudgetStore
 from llm_gateway.accounting.budgets import (
     Budget,
     BudgetExceeded,
     BudgetUnavailable,
-    MemoryBudgetStore,
-    RedisBudgetStore,
     window_bounds,
 )
 

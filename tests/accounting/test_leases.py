@@ -15,13 +15,13 @@ import redis.asyncio as aioredis
 
 from conftest import REDIS_URL, RedisNodes
 from llm_gateway.accounting import leases
+from llm_gateway.accounting.budget_stores.memory import MemoryBudgetStore
+from llm_gateway.accounting.budget_stores.redis import RedisBudgetStore
 from llm_gateway.accounting.budgets import (
     Budget,
     BudgetExceeded,
     BudgetUnavailable,
     Lease,
-    MemoryBudgetStore,
-    RedisBudgetStore,
 )
 from llm_gateway.accounting.records import RecordSink, UsageRecord
 from llm_gateway.accounting.tokens import TokenUsage
@@ -177,12 +177,12 @@ async def test_300_concurrent_budgeted_requests_on_a_healthy_redis_all_get_throu
 
 
 async def test_one_sweep_takes_every_expired_lease_beyond_one_batch(redis_nodes: RedisNodes) -> None:
-    from llm_gateway.accounting import budgets
+    from llm_gateway.accounting.budget_stores import redis as redis_store
 
     client = redis_nodes.client()
     store = RedisBudgetStore(client, key_prefix=redis_nodes.prefix)
     sink = RecordSink(client, stream=f"{redis_nodes.prefix}usage")
-    n = budgets.SWEEP_BATCH * 2 + 7
+    n = redis_store.SWEEP_BATCH * 2 + 7
     big = Budget(name="big", window="hour", tokens=1_000_000)
     for start in range(0, n, 50):  # the test's plain client has from_url's 100-connection pool
         await asyncio.gather(*(store.reserve(f"c{i % 3}", [big], 10, 0.0, lease=_lease(f"r{i}", seconds=1.5))

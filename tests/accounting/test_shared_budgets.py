@@ -15,7 +15,8 @@ import pytest
 
 from conftest import PROVIDER_KEY, REDIS_URL, free_port
 from kong_harness import KongHarness, PluginServerProcess, start_plugin_server
-from llm_gateway.accounting.budgets import Budget, RedisBudgetStore
+from llm_gateway.accounting.budget_stores.redis import RedisBudgetStore
+from llm_gateway.accounting.budgets import Budget
 from mock_provider import MockProvider
 
 CAROL_KEY = "test-key-carol-" + secrets.token_hex(6)

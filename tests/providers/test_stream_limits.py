@@ -165,7 +165,7 @@ async def test_finish_never_raises_and_always_records(monkeypatch: pytest.Monkey
 async def test_finish_completes_when_the_request_is_cancelled_mid_settlement(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A client that leaves while the reservation is being settled is still billed and recorded."""
-    from llm_gateway.accounting.budgets import MemoryBudgetStore
+    from llm_gateway.accounting.budget_stores.memory import MemoryBudgetStore
     from llm_gateway.accounting.ledger import Ledger
     from llm_gateway.api.chat_completions import ChatRequest
     from llm_gateway.config import ConfigRegistry, parse_config

@@ -11,7 +11,8 @@ import pytest
 from llm_gateway.config import Alias, Deployment, GatewayConfig, RoutingSettings
 from llm_gateway.errors import GatewayError
 from llm_gateway.routing.router import Router
-from llm_gateway.routing.state import CooldownPolicy, MemoryRoutingState
+from llm_gateway.routing.state import CooldownPolicy
+from llm_gateway.routing.state_stores.memory import MemoryRoutingState
 
 RATE_LIMITED = GatewayError(429, "slow down", code="rate_limit_exceeded", headers={"Retry-After": "1"})
 DOWN = GatewayError(502, "down", code="provider_error")

@@ -16,7 +16,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conftest import REDIS_URL, RedisNodes
-from llm_gateway.routing.state import CooldownPolicy, MemoryRoutingState, RedisRoutingState
+from llm_gateway.routing.state import CooldownPolicy
+from llm_gateway.routing.state_stores.memory import MemoryRoutingState
+from llm_gateway.routing.state_stores.redis import RedisRoutingState
 
 T0 = float(calendar.timegm((2026, 11, 23, 10, 15, 0)))  # a minute boundary
 A, B, C = "chat-default#0:openai/gpt-4o-mini", "chat-default#1:azure/gpt-4o-mini", "chat-default#2:{x}/y"

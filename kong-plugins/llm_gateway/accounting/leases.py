@@ -21,7 +21,8 @@ import logging
 import time
 from typing import Any
 
-from llm_gateway.accounting.budgets import MICRO, ExpiredLease, RedisBudgetStore
+from llm_gateway.accounting.budget_stores.redis import RedisBudgetStore
+from llm_gateway.accounting.budgets import MICRO, ExpiredLease
 from llm_gateway.accounting.records import RecordSink, UsageRecord
 from llm_gateway.accounting.tokens import TokenUsage
 
