@@ -238,9 +238,10 @@ async def test_every_redis_key_expires() -> None:
         ttls = {k.decode().rsplit(":", 2)[-2] if b":rpm:" in k or b":tpm:" in k else k.decode().rsplit(":", 1)[-1]:
                 await client.pttl(k) async for k in client.scan_iter(match=f"{key_prefix}*")}
         assert ttls.keys() == {"cool", "fails", "inflight", "rpm", "tpm"}
-        assert 11_000 < ttls["cool"] <= 12_000
-        assert 59_000 < ttls["fails"] <= 60_000
-        assert 44_000 < ttls["inflight"] <= 45_000
+        # Redis counts down in real time while this test awaits: a loaded machine takes seconds, not the TTLs
+        assert 7_000 < ttls["cool"] <= 12_000
+        assert 55_000 < ttls["fails"] <= 60_000
+        assert 40_000 < ttls["inflight"] <= 45_000
         assert 0 < ttls["rpm"] <= 120_000 and 0 < ttls["tpm"] <= 120_000
     finally:
         await drop_keys(client, key_prefix)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import litellm
 
 from llm_gateway.config import Deployment
 from llm_gateway.errors import GatewayError, ProviderOverloaded, from_provider_exception
-from llm_gateway.providers.openai_compatible import Usage, malformed
+from llm_gateway.providers.openai_compatible import Usage, malformed, primed
 from llm_gateway.providers.upstream import call_args
 
 USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")
@@ -146,7 +146,7 @@ def _data(frame: bytes) -> Any:
         raise malformed() from None
 
 
-async def _events(stream: Any, usage: Usage) -> AsyncIterator[bytes]:
+async def _events(stream: Any, usage: Usage) -> AsyncGenerator[bytes, None]:
     start: dict[str, Any] = {}
     async for frame in _frames(stream):
         data = _data(frame)
@@ -186,21 +186,4 @@ async def _events(stream: Any, usage: Usage) -> AsyncIterator[bytes]:
 async def open_stream(deployment: Deployment, params: dict[str, Any], usage: Usage) -> AsyncIterator[bytes]:
     """The provider's SSE events, whole; the first is read before this returns."""
     stream = await _call(deployment, params, stream=True)
-    events = _events(stream, usage)
-    try:
-        first = await events.__anext__()
-    except StopAsyncIteration:
-        raise malformed() from None
-    except BaseException:
-        await events.aclose()
-        raise
-
-    async def relay() -> AsyncIterator[bytes]:
-        try:
-            yield first
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()
-
-    return relay()
+    return await primed(_events(stream, usage))

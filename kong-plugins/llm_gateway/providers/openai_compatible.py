@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,7 +176,12 @@ async def open_stream(model: str, api_base: str | None, api_key: str | None, par
     body = request_body(model, params, stream=True, drop=drop, usage=usage)
     response = await post(url_of(model, api_base), body, api_key,
                            aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s))
-    events = _events(response, include_usage, usage)
+    return await primed(_events(response, include_usage, usage))
+
+
+async def primed(events: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    """``events`` with its first event already read: a provider that fails (or sends nothing) before its first
+    event fails here, while the gateway can still answer with a status code (and the router retry it)."""
     try:
         first = await events.__anext__()
     except StopAsyncIteration:
@@ -208,7 +213,7 @@ async def sse_lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         yield buffer
 
 
-async def _events(response: Any, include_usage: bool, usage: Usage) -> AsyncIterator[bytes]:
+async def _events(response: Any, include_usage: bool, usage: Usage) -> AsyncGenerator[bytes, None]:
     async with response:
         try:
             async for line in sse_lines(response.content):
