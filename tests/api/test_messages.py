@@ -411,3 +411,18 @@ def test_max_tokens_is_capped_by_the_budget(budgeted: KongHarness, mock_provider
     raw = bob.messages.with_raw_response.create(model=alias, max_tokens=1000, messages=HELLO)
     granted = int(raw.headers["X-LLM-Max-Tokens-Capped"])
     assert granted < 200 and mock_provider.requests[-1].body["max_tokens"] == granted
+
+
+def test_paths_no_endpoint_takes_answer_in_their_clients_format(kong: KongHarness) -> None:
+    """Under /v1/messages a 404 or 405 is Anthropic's error (its SDK parses it), elsewhere OpenAI's."""
+    with httpx.Client(timeout=30) as http:
+        batches = http.post(f"{kong.url}/v1/messages/batches", json={}, headers={"x-api-key": ALICE_KEY})
+        wrong_method = http.get(f"{kong.url}/v1/messages", headers={"x-api-key": ALICE_KEY})
+        elsewhere = http.post(f"{kong.url}/v1/nope", json={}, headers={"x-api-key": ALICE_KEY})
+    assert batches.status_code == 404 and batches.json()["error"]["type"] == "not_found_error"
+    assert batches.json()["type"] == "error" and "POST /v1/messages" in batches.json()["error"]["message"]
+    assert wrong_method.status_code == 405 and wrong_method.json()["type"] == "error"
+    assert wrong_method.headers["Allow"] == "POST"
+    assert elsewhere.status_code == 404 and set(elsewhere.json()) == {"error"}
+    assert elsewhere.json()["error"]["code"] == "unknown_url"
+    assert {r.headers["x-should-retry"] for r in (batches, wrong_method, elsewhere)} == {"false"}

@@ -29,7 +29,6 @@ from aiohttp import web
 from llm_gateway.accounting.ledger import Ledger
 from llm_gateway.api import registry
 from llm_gateway.api.base import (
-    ANTHROPIC_ERRORS,
     OPENAI_ERRORS,
     Admitted,
     ApiRequest,
@@ -116,10 +115,15 @@ def _exists(endpoints: tuple[Endpoint, ...], direct: tuple[DirectEndpoint, ...])
     return ", ".join(served)
 
 
-def errors_for_path(path: str) -> ErrorFormat:
-    """The error format a client of this path expects when no endpoint took the request (404, 405): Anthropic's
-    under /v1/messages, OpenAI's elsewhere."""
-    return ANTHROPIC_ERRORS if path == "/v1/messages" or path.startswith("/v1/messages/") else OPENAI_ERRORS
+def errors_by_path(endpoints: tuple[Endpoint, ...]) -> Callable[[str], ErrorFormat]:
+    """The error format a client of a path expects when no endpoint took the request (404, 405): that of the
+    endpoint whose path it is or lies under (Anthropic's under /v1/messages), else OpenAI's."""
+    formats = sorted(((e.path, e.errors) for e in endpoints), key=lambda pair: -len(pair[0]))
+
+    def errors_for(path: str) -> ErrorFormat:
+        return next((errors for prefix, errors in formats if path == prefix or path.startswith(prefix + "/")),
+                    OPENAI_ERRORS)
+    return errors_for
 
 
 class Listener:
@@ -137,6 +141,7 @@ class Listener:
         for llm in endpoints:
             self.app.router.add_post(llm.path, self._llm_handler(llm))
         self.existing = _exists(endpoints, direct)
+        self.errors_for = errors_by_path(endpoints)
         self.app.on_response_prepare.append(set_server_header)
 
     def make_runner(self, **kwargs: object) -> web.AppRunner:
@@ -166,7 +171,7 @@ class Listener:
             else:
                 err = GatewayError(exc.status, exc.reason, code=None)
             self.runtime.metrics.answered(err.status)
-            return error_response(err, headers, errors_for_path(request.path))
+            return error_response(err, headers, self.errors_for(request.path))
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The raw body, as Kong forwarded it (the ticket is minted over these bytes), within body_timeout."""
