@@ -1,9 +1,9 @@
 """Access events per second through a plugin server, ours against kong-pdk's stock server, same driver.
 
 The driver plays Kong's bridge loop (mp_rpc.lua) over the real Unix socket with a pool of connections and
-answers the three PDK calls our access phase makes (body, consumer, set_header). It reports events/s with
-the driver included (as the research notes measured the stock server) and the server's own CPU per event,
-read from /proc, which is the figure that matters on a Kong node.
+answers the PDK calls an access phase makes (ours: consumer, set_header; the stock one also reads the body). It
+reports events/s with the driver included (as the research notes measured the stock server) and the server's
+own CPU per event, read from /proc, which is the figure that matters on a Kong node.
 
     python bench/plugin_server_events.py [--events 3000] [--concurrency 16]
 """

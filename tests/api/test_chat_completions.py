@@ -29,11 +29,11 @@ def test_json_completion_through_kong(client: openai.OpenAI, kong: KongHarness,
     assert raw.headers["X-LLM-Provider"] == "openai"
     assert raw.headers["X-LLM-Model"] == "mock-gpt"
     assert raw.headers["X-Request-ID"] == raw.headers["X-Kong-Request-Id"]  # Kong's request id
-    # the access phase's hand-off: HandleEvent, then one Step per PDK call (body, consumer, set_header), and
-    # on an instance's first request one more (the Service's read timeout)
+    # the access phase's hand-off: HandleEvent, then one Step per PDK call (consumer, set_header), and on an
+    # instance's first request one more (the Service's read timeout)
     assert kong.last_trace.count("plugin.HandleEvent") == 1
     steps = [m for m in kong.last_trace if m != "plugin.StartInstance"]
-    assert len(steps) == (5 if "plugin.StartInstance" in kong.last_trace else 4), steps
+    assert len(steps) == (4 if "plugin.StartInstance" in kong.last_trace else 3), steps
 
 
 def test_stream_through_kong(client: openai.OpenAI, mock_provider: MockProvider) -> None:

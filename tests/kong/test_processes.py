@@ -149,8 +149,8 @@ def test_a_ticket_is_good_only_at_the_process_it_names_and_only_once(two: Plugin
         assert served.status_code == 200 and int(served.headers[PROCESS]) == pid
         replayed = at(right, ticket)
         assert replayed.status_code == 403 and replayed.json()["error"]["code"] == "gateway_bypass"
-    forged = worker_ticket.replace(worker_ticket.split(".")[7], worker_ticket.split(".")[7].split("-")[0] + "-"
-                                   + master_ticket.split(".")[7].split("-")[1])
+    forged = worker_ticket.replace(worker_ticket.split(".")[6], worker_ticket.split(".")[6].split("-")[0] + "-"
+                                   + master_ticket.split(".")[6].split("-")[1])
     assert at(master, forged).status_code == 403  # retargeted by hand: the MAC covers the target
     rpc.call("plugin.CloseInstance", iid)
 

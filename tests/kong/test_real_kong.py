@@ -308,7 +308,7 @@ def test_the_listener_refuses_what_did_not_come_through_kong(kong: RealKong) -> 
     status, text = kong.inside_post(listener, body, {"Content-Type": "application/json"})
     assert status == 503 and json.loads(text)["error"]["code"] == "gateway_restarting"  # no ticket: retryable
     status, text = kong.inside_post(listener, body, {"Content-Type": "application/json",
-                                                     "X-LLM-Gateway-Ticket": "v2.a.b.c.d.e.b.f.forged"})
+                                                     "X-LLM-Gateway-Ticket": "v3.a.b.c.d.e.f.forged"})
     assert status == 403 and json.loads(text)["error"]["code"] == "gateway_bypass"
 
 

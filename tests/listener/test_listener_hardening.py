@@ -228,18 +228,24 @@ def test_every_status_is_counted(kong: KongHarness, plugin_server: PluginServerP
 # -- item 10: the listener ------------------------------------------------------------------------------------
 def test_half_sent_requests_are_dropped_and_kong_still_gets_through(client_ok: None, kong: KongHarness,
                                                                    plugin_server: PluginServerProcess) -> None:
-    """500 connections holding half their headers, 50 sending nothing, 20 with half a body: a legitimate request
-    still gets through while they are held, and each of them is dropped within a few seconds."""
+    """500 connections holding half their headers, 50 sending nothing, 20 with half a body (10 of them admitted
+    by Kong's access phase): a legitimate request still gets through while they are held, and each of them is
+    dropped within a few seconds (a body without a ticket at once, before it is read)."""
     address = host_port(plugin_server.listen)
     sockets: list[socket.socket] = []
     try:
         for i in range(570):
+            if 550 <= i < 560:
+                whole = admitted_request(kong, b'{"model": "gpt-mock", "messages": []}' + b" " * 1000)
+                half_admitted = whole[:-1000]
             sock = socket.create_connection(address, timeout=30)
             if i < 500:
                 sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
-            elif i >= 550:
+            elif i >= 560:  # not from Kong: refused before a byte of the body is read
                 sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                              b"application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":")
+            elif i >= 550:  # admitted by Kong, then the body stalls
+                sock.sendall(half_admitted)
             sockets.append(sock)
         answer = httpx.post(f"{kong.url}/v1/chat/completions", json={"model": "gpt-mock", "messages": HELLO},
                             headers={"apikey": ALICE_KEY}, timeout=15)
@@ -259,10 +265,14 @@ def test_half_sent_requests_are_dropped_and_kong_still_gets_through(client_ok: N
             outcomes = list(pool.map(outcome, sockets))  # a socket the server never closes times out (30 s)
         assert time.monotonic() - started < max(HEADER_TIMEOUT, BODY_TIMEOUT) + 15
         assert all(o == b"" for o in outcomes[:550]), "half-sent headers are dropped without an answer"
-        for o in outcomes[550:]:
+        for o in outcomes[550:560]:
             status, headers, body = parse_response(o)
             assert status == 408 and headers["connection"] == "close"
             assert_openai_error(body, "request_timeout")
+        for o in outcomes[560:]:
+            status, headers, body = parse_response(o)
+            assert status == 503  # no ticket: Kong failed open, or not Kong at all (kong/ticket.py)
+            assert_openai_error(body, "gateway_restarting")
     finally:
         for sock in sockets:
             sock.close()

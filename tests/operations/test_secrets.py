@@ -31,7 +31,7 @@ def test_no_secret_in_responses_or_logs(kong: KongHarness, plugin_server: Plugin
                                   json={"model": model, "messages": HELLO, "stream": stream})
             seen.append(json.dumps(dict(response.headers)) + response.text)
     # a request straight to the listener, with the client's own key in every header it can think of
-    for ticket in ({}, {"X-LLM-Gateway-Ticket": "v2.forged"}):  # no ticket (retryable), a forged one (refused)
+    for ticket in ({}, {"X-LLM-Gateway-Ticket": "v3.forged"}):  # no ticket (retryable), a forged one (refused)
         bypass = httpx.post(f"http://{plugin_server.listen}/v1/chat/completions", json={"model": "demo"},
                             headers={"apikey": BOB_KEY, "Authorization": f"Bearer {BOB_KEY}", **ticket})
         seen.append(json.dumps(dict(bypass.headers)) + bypass.text)

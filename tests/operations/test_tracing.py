@@ -138,7 +138,7 @@ def test_no_secret_and_no_prompt_in_any_span(traced: KongHarness, receiver: Rece
     exported = b"".join(receiver.raw)
     for secret in (PROVIDER_KEY, ALICE_KEY, marker):
         assert secret.encode() not in exported
-    assert not [s for s in receiver.spans if "v2." in json.dumps(s["attributes"])], "a ticket reached a span"
+    assert not [s for s in receiver.spans if "v3." in json.dumps(s["attributes"])], "a ticket reached a span"
 
 
 def test_tracing_is_off_by_default_and_its_hooks_do_nothing() -> None:

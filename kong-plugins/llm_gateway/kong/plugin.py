@@ -1,6 +1,6 @@
 """The Kong-facing shell: the plugin's phase handlers, bound to the PDK. Everything else is plain Python.
 
-The access phase only proves that a request went through Kong (see ``kong/ticket.py``): three PDK calls, four RPC
+The access phase only proves that a request went through Kong (see ``kong/ticket.py``): two PDK calls, three RPC
 round trips (plus one on an instance's first request, to learn the Service's read timeout), and Kong then
 proxies the untouched request to the plugin server's loopback listener, which does the LLM work and streams
 its answer back through Kong. With several processes (``kong/workers.py``) it picks the one to serve the
@@ -41,13 +41,6 @@ class LLMGatewayPlugin:
             _load_tokenizers(self.config)
 
     async def access(self, kong: PDK) -> None:
-        # 0 = "read it whatever its size", including a body nginx spooled to a file (over
-        # client_body_buffer_size). Any limit Kong could refuse would make get_raw_body return nil, which Kong
-        # 3.9 cannot even pack into the step (mp_rpc.lua fix_raw): a 500. The route's max_body_bytes is the
-        # listener's 413; nginx's client_max_body_size is the hard cap in front of all this.
-        body = await kong.request.get_raw_body(0)
-        if isinstance(body, str):
-            body = body.encode()
         consumer = await kong.client.get_consumer()
         if not self._timeouts_known:  # once per instance: the Service's timeouts change only with the config
             self._timeouts_known = True
@@ -60,7 +53,7 @@ class LLMGatewayPlugin:
         target = self.pool.pick(self.config, consumer) if self.pool is not None else None
         if target is not None:  # a worker; the master is the Service's own URL
             await kong.service.set_target(target.host, target.port)
-        minted = self.runtime.tickets.mint(self.config.key, body, consumer, target.token if target else None)
+        minted = self.runtime.tickets.mint(self.config.key, consumer, target.token if target else None)
         await kong.service.request.set_header(ticket.HEADER, minted)
 
     def close(self) -> None:

@@ -2,9 +2,16 @@
 
 Kong fails open (a plugin-server error lets the request through to the Service), and anything on the host can
 reach a loopback port, so the listener trusts nothing but a ticket: an HMAC, keyed by a secret born in this
-process, over the config the request was admitted under, a single-use nonce, an expiry, the consumer, and the
-SHA-256 of the body. A body the access phase could not read (Kong gave nil) is marked unbound; the listener answers
-those with 413 whatever they contain.
+process, over the config the request was admitted under, a single-use nonce, an expiry, the consumer Kong
+authenticated, and the process it is for.
+
+The body is deliberately not bound (v2 bound its SHA-256): reading it in the access phase was one RPC round trip
+and a copy of every body through MessagePack on both sides of the socket, and it protected nothing a single-use
+ticket does not. A ticket reaches the listener only inside the request Kong proxies; replaying it fails (single
+use), and whoever could lift one off the loopback in flight and race Kong with another body can read every
+request on the host anyway. What the ticket must pin is what the client could otherwise choose: the consumer
+(billing, budgets, ``model_access``) and the config (the route's models). docs/architecture.md, "The hand-off
+ticket", has the decision.
 
 Several processes (``kong/workers.py``) share one secret and one issuer, and each has a target of its own: the
 issuer field is ``<issuer>-<target>``, so the MAC covers the process the access phase sent the request to, and
@@ -23,8 +30,8 @@ from collections import deque
 from dataclasses import dataclass
 
 HEADER = "X-LLM-Gateway-Ticket"
-VERSION = "v2"
-UNBOUND = "-"
+VERSION = "v3"
+LEGACY_VERSIONS = frozenset({"v2"})  # a predecessor's format (kong reload from an older release)
 
 
 class TicketError(Exception):
@@ -53,7 +60,6 @@ class Claims:
     config_key: str
     consumer_id: str
     consumer_username: str
-    body_bound: bool
 
 
 def _b64(text: str) -> str:
@@ -79,37 +85,36 @@ class TicketBook:
         self._used: set[str] = set()
         self._used_order: deque[tuple[float, str]] = deque()
 
-    def _mac(self, payload: str, body_digest: str) -> str:
-        mac = hmac.new(self._secret, f"{payload}|{body_digest}".encode(), hashlib.sha256).digest()
+    def _mac(self, payload: str) -> str:
+        mac = hmac.new(self._secret, payload.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
-    def mint(self, config_key: str, body: bytes | None, consumer: dict | None, target: str | None = None) -> str:
-        """A ticket for this request; ``body`` is None when the access phase could not read it (too large);
-        ``target`` names the process that will serve it (default: this one)."""
+    def mint(self, config_key: str, consumer: dict | None, target: str | None = None) -> str:
+        """A ticket for this request; ``target`` names the process that will serve it (default: this one)."""
         consumer = consumer or {}
         expires = str(int((time.time() + self.ttl) * 1000))  # ms: no "." inside a "."-separated ticket
         fields = [VERSION, config_key, secrets.token_urlsafe(12), expires,
                   _b64(str(consumer.get("id") or "")), _b64(str(consumer.get("username") or "")),
-                  "b" if body is not None else "u", f"{self.issuer}-{target or self.target}"]
+                  f"{self.issuer}-{target or self.target}"]
         payload = ".".join(fields)
-        digest = hashlib.sha256(body).hexdigest() if body is not None else UNBOUND
-        return f"{payload}.{self._mac(payload, digest)}"
+        return f"{payload}.{self._mac(payload)}"
 
-    def verify(self, ticket: str | None, body: bytes) -> Claims:
-        """Check a ticket against the body received; consumes it (single use)."""
+    def verify(self, ticket: str | None) -> Claims:
+        """Check a ticket; consumes it (single use)."""
         if not ticket:
             raise MissingTicket("missing ticket")
         parts = ticket.split(".")
-        if len(parts) != 9 or parts[0] != VERSION or parts[6] not in ("b", "u"):
+        if parts[0] in LEGACY_VERSIONS and len(parts) == 9 and parts[7].partition("-")[0] in self.predecessors:
+            raise PredecessorTicket("ticket of the previous plugin server")
+        if len(parts) != 8 or parts[0] != VERSION:
             raise TicketError("malformed ticket")
-        issuer, _, target = parts[7].partition("-")  # a predecessor of an older release has no target
+        issuer, _, target = parts[6].partition("-")
         if issuer != self.issuer:
             if issuer in self.predecessors:
                 raise PredecessorTicket("ticket of the previous plugin server")
             raise TicketError("ticket of another issuer")
-        payload, mac = ".".join(parts[:8]), parts[8]
-        digest = hashlib.sha256(body).hexdigest() if parts[6] == "b" else UNBOUND
-        if not hmac.compare_digest(mac, self._mac(payload, digest)):
+        payload, mac = ".".join(parts[:7]), parts[7]
+        if not hmac.compare_digest(mac, self._mac(payload)):
             raise TicketError("ticket does not match this request")
         now = time.time()
         if not parts[3].isdigit():
@@ -125,8 +130,7 @@ class TicketBook:
             raise TicketError("ticket already used")
         self._used.add(nonce)
         self._used_order.append((expires, nonce))
-        return Claims(config_key=parts[1], consumer_id=_unb64(parts[4]), consumer_username=_unb64(parts[5]),
-                      body_bound=parts[6] == "b")
+        return Claims(config_key=parts[1], consumer_id=_unb64(parts[4]), consumer_username=_unb64(parts[5]))
 
     def _forget_expired(self, now: float) -> None:
         """Nonces only need remembering until their ticket would have expired anyway."""

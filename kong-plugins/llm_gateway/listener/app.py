@@ -173,21 +173,30 @@ class Listener:
             self.runtime.metrics.answered(err.status)
             return error_response(err, headers, self.errors_for(request.path))
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The raw body, as Kong forwarded it (the ticket is minted over these bytes), within body_timeout."""
+    async def _read_body(self, request: web.Request, config: GatewayConfig) -> bytes:
+        """The raw body, as Kong forwarded it, within body_timeout and the route's max_body_bytes (a declared
+        length over it is refused before a byte is read)."""
+        too_large = GatewayError(413, f"The request body is larger than {config.max_body_bytes} bytes.",
+                                 code="request_too_large")
+        if (request.content_length or 0) > config.max_body_bytes:
+            raise too_large
         try:
             async with asyncio.timeout(self.body_timeout):
-                return await request.read()
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise GatewayError(413, "The request body is too large.", code="request_too_large") from None
+            raise too_large from None
         except TimeoutError:
             raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g} s.",
                                code="request_timeout", headers={"Connection": "close"}) from None
+        if len(body) > config.max_body_bytes:
+            raise too_large
+        return body
 
-    def _admit(self, request: web.Request, body: bytes) -> tuple[GatewayConfig, ticket.Claims]:
-        """The ticket check: only requests minted by our access phase in Kong get further."""
+    def _admit(self, request: web.Request) -> tuple[GatewayConfig, ticket.Claims]:
+        """The ticket check, before the body is read: only requests minted by our access phase in Kong get
+        further."""
         try:
-            claims = self.runtime.tickets.verify(request.headers.get(ticket.HEADER), body)
+            claims = self.runtime.tickets.verify(request.headers.get(ticket.HEADER))
         except ticket.RetryableTicket as exc:
             log.warning("a request reached the listener with %s (plugin server restarting?)", exc)
             raise GatewayError(503, "The gateway is restarting; retry the request.", type="server_error",
@@ -200,9 +209,6 @@ class Listener:
         if config is None:  # the route's config was replaced long ago; the client can simply retry
             raise GatewayError(503, "The gateway configuration changed; retry the request.",
                                type="server_error", code="config_reloaded", headers={"Retry-After": "1"})
-        if not claims.body_bound or len(body) > config.max_body_bytes:
-            raise GatewayError(413, f"The request body is larger than {config.max_body_bytes} bytes.",
-                               code="request_too_large")
         return config, claims
 
     def _exchange(self, request: web.Request, errors: ErrorFormat) -> _Exchange:
@@ -238,8 +244,8 @@ class Listener:
         async def handle(request: web.Request) -> web.StreamResponse:
             ex = self._exchange(request, endpoint.errors)
             try:
-                raw = await self._read_body(request)
-                config, claims = self._admit(request, raw)
+                config, claims = self._admit(request)
+                raw = await self._read_body(request, config)
                 ex.consumer = claims.consumer_username or claims.consumer_id or ""
                 body = await content_encoding.decode(raw, request.headers.get("Content-Encoding"),
                                                      config.max_body_bytes)
@@ -263,8 +269,8 @@ class Listener:
 
     async def _serve(self, request: web.Request, endpoint: Endpoint, ex: _Exchange) -> web.StreamResponse:
         headers = ex.headers
-        raw = await self._read_body(request)
-        config, claims = self._admit(request, raw)
+        config, claims = self._admit(request)
+        raw = await self._read_body(request, config)
         ex.consumer = claims.consumer_username or claims.consumer_id or ""
         body = await content_encoding.decode(raw, request.headers.get("Content-Encoding"), config.max_body_bytes)
         api = endpoint.parse(body)
