@@ -206,6 +206,18 @@ def wait_for_record(server: PluginServerProcess, request_id: str, timeout: float
     raise AssertionError(f"no usage record for request {request_id}")
 
 
+def wait_for_log(server: PluginServerProcess, text: str, timeout: float = 10) -> list[str]:
+    """The server's log lines once one contains ``text``: lines are written by a thread of their own
+    (operations/logs.py), a moment after the answer that caused them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = server.log_lines()
+        if any(text in line for line in lines):
+            return lines
+        time.sleep(0.02)
+    raise AssertionError(f"no log line containing {text!r}")
+
+
 @pytest.fixture
 def client(kong: KongHarness) -> openai.OpenAI:
     """The OpenAI Python SDK, pointed at "Kong", authenticated with key-auth's apikey header."""

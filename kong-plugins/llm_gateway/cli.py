@@ -362,6 +362,7 @@ async def serve(args: argparse.Namespace, prepared: Prepared) -> None:
     from llm_gateway.runtime import Runtime
 
     tracing.configure()  # LLM_GATEWAY_TRACING=on: OTLP export (operations/tracing.py); after the fork (its thread)
+    logs.write_in_background()  # after the fork too: stderr is Kong's pipe, never written from the event loop
     health, metrics, started, parent = prepared.health, prepared.metrics, prepared.started, prepared.parent
     metrics_server, previous = prepared.metrics_server, prepared.previous
     runtime = Runtime(registry=ConfigRegistry(), tickets=prepared.tickets, metrics=metrics)

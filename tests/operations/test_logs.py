@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import ALICE_KEY, free_port, usage_records
+from conftest import ALICE_KEY, free_port, usage_records, wait_for_log
 from kong_harness import KongHarness, PluginServerProcess, start_plugin_server
 from llm_gateway.operations import logs
 
@@ -39,9 +39,10 @@ def test_every_line_is_one_json_object_and_request_lines_carry_the_request_id(
     request_id = response.headers["X-Request-ID"]
     marker = "bypass-" + secrets.token_hex(6)
     bypass = httpx.post(f"http://{plugin_server.listen}/v1/chat/completions", json={"model": "demo"},
-                        headers={"X-Kong-Request-Id": marker, "X-LLM-Gateway-Ticket": "v2.forged"}, timeout=10)
+                        headers={"X-Kong-Request-Id": marker, "X-LLM-Gateway-Ticket": "v3.forged"}, timeout=10)
     assert bypass.status_code == 403
     usage_records(plugin_server)[request_id]  # the record is there, parsed as its own event
+    wait_for_log(plugin_server, marker)
     entries = _entries(plugin_server)
     refused = [e for e in entries if e.get("request_id") == marker]
     assert refused and refused[0]["level"] == "WARNING" and refused[0]["logger"] == "llm_gateway.listener"
@@ -58,7 +59,8 @@ def test_the_level_filters_and_warnings_still_show(tmp_path: Path) -> None:
                                  env={"LLM_GATEWAY_LOG_LEVEL": "warning", "LLM_GATEWAY_METRICS_LISTEN": "off"})
     try:
         httpx.post(f"http://{server.listen}/v1/chat/completions", json={"model": "demo"},
-                   headers={"X-LLM-Gateway-Ticket": "v2.forged"}, timeout=10)
+                   headers={"X-LLM-Gateway-Ticket": "v3.forged"}, timeout=10)
+        wait_for_log(server, "without a valid ticket")
         entries = _entries(server)
         assert not [e for e in entries if e["level"] in ("DEBUG", "INFO")], entries[:3]
         assert any(e["level"] == "WARNING" and "without a valid ticket" in e["message"] for e in entries)

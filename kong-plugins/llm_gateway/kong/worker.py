@@ -51,11 +51,12 @@ async def serve(setup: WorkerSetup, control: socket.socket, index: int, target: 
 
     from llm_gateway.kong.plugin import LLMGatewayPlugin
     from llm_gateway.listener.app import Listener
-    from llm_gateway.operations import tracing
+    from llm_gateway.operations import logs, tracing
     from llm_gateway.runtime import Runtime
 
     started = time.monotonic()
     tracing.configure()  # after the fork: an exporter's thread must not be carried across it
+    logs.write_in_background()  # the same for the log's writer thread
     setup.tickets.target = target
     runtime = Runtime(registry=ConfigRegistry(), tickets=setup.tickets, metrics=setup.metrics)
     channel = await Channel.open(control)

@@ -13,6 +13,12 @@ fields at the top level of the same object (``accounting.UsageRecord.to_json``),
 ``event == "usage"``. ``LLM_GATEWAY_LOG_FORMAT=text`` gives the classic one-line text format instead.
 
 Nothing here adds content to what is logged: the secret scan (tests/operations/test_secrets.py) reads these lines.
+
+Inside Kong, stderr is a pipe that nginx's worker 0 reads between its requests: a blocking write to it from the
+event loop stalled every request of the process whenever the pipe was full (one usage line per request fills
+its 64 KB in ~100 requests). So once a process serves (``write_in_background``), lines are formatted where they
+are logged (the request id is a context variable) and written by a thread of their own, in batches; the
+zygote, which forks workers and must not run threads, keeps writing synchronously.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sys
 import threading
 from contextvars import ContextVar
@@ -58,12 +65,73 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(head, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+#: lines waiting for the writer thread, at most; beyond it the logging call waits (a line is never dropped)
+BACKLOG_LINES = 100_000
+
+
+class BackgroundStreamHandler(logging.StreamHandler):
+    """A StreamHandler whose writes, once ``start`` is called in a process, happen on a writer thread: the
+    event loop only formats and queues. ``flush`` waits until what was queued is written (logging.shutdown,
+    tests). A fork leaves the thread behind: the child writes synchronously until it calls ``start`` itself."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._queue: queue.Queue[str] | None = None
+        self._pid = 0
+
+    def start(self) -> None:
+        if self._queue is not None and self._pid == os.getpid():
+            return
+        self._queue, self._pid = queue.Queue(BACKLOG_LINES), os.getpid()
+        threading.Thread(target=self._write_lines, args=(self._queue,), name="llm_gateway.log-writer",
+                         daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._queue is None or self._pid != os.getpid():
+            super().emit(record)
+            return
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._queue.put(line)
+
+    def _write_lines(self, lines: queue.Queue[str]) -> None:
+        while True:
+            batch = [lines.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(lines.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.stream.write("\n".join(batch) + "\n")
+                self.stream.flush()
+            except Exception:  # a closed stderr: nothing to write to, as with logging's own handler
+                pass
+            for _ in batch:
+                lines.task_done()
+
+    def flush(self) -> None:
+        if self._queue is not None and self._pid == os.getpid():
+            self._queue.join()
+        super().flush()
+
+
+def write_in_background() -> None:
+    """This process serves now: its log lines are written off the event loop (see the module docstring)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, BackgroundStreamHandler):
+            handler.start()
+
+
 def configure(level: str | None = None, fmt: str | None = None) -> None:
     """The root logger writes to stderr, as JSON unless ``LLM_GATEWAY_LOG_FORMAT=text``; Python's warnings and
     exceptions nobody caught (in any thread) become log lines too, rather than multi-line text."""
     level = (level or os.environ.get("LLM_GATEWAY_LOG_LEVEL") or "INFO").upper()
     fmt = (fmt or os.environ.get("LLM_GATEWAY_LOG_FORMAT") or "json").lower()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BackgroundStreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(TEXT_FORMAT) if fmt == "text" else JSONFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
