@@ -205,6 +205,8 @@ end
 return out
 """
 
+# the lease index outlives the leases it names by this much
+_INDEX_MARGIN_S = 3600
 # a window's counters outlive it by this much, so a settlement that arrives just after the end still lands
 _GRACE_S = 300
 #: settlements and cancellations waiting for Redis, at most (the oldest go first: their leases end soonest)
@@ -243,6 +245,7 @@ class RedisBudgetStore:
         self._scripts = {name: client.register_script(lua) for name, lua in
                          (("settle", _SETTLE), ("cancel", _CANCEL), ("sweep", _SWEEP), ("forget", _FORGET))}
         self._pending: deque[_Pending] = deque()
+        self._index_ttl_until = -math.inf  # when the lease index's TTL, as this process last set it, runs out
         self._retrier: asyncio.Task | None = None
         self.retries_dropped = 0  # lease operations given up (their leases ended: the sweeper took over)
         self._dropped_logged_at = self._settle_warned_at = -math.inf
@@ -303,18 +306,28 @@ class RedisBudgetStore:
 
     async def _reserve_leased(self, tag: str, lease: Lease, keys: list[str], args: list[Any]) -> Any:
         """The index entry, then the reservation, in one round trip. EVALSHA by hand, not redis-py's Script
-        in a pipeline, which first asks SCRIPT EXISTS: a second round trip on the admission path."""
+        in a pipeline, which first asks SCRIPT EXISTS: a second round trip on the admission path.
+
+        The index outlives its leases by an hour; its TTL is pushed out only when this lease would come within
+        half an hour of it (about once every half hour per process, not once per request)."""
         for attempt in (1, 2):
             pipe = self._client.pipeline(transaction=False)
             pipe.zadd(self.lease_index, {f"{tag}\n{lease.request_id}": lease.expiry})
-            pipe.expire(self.lease_index, math.ceil(lease.expiry - self._clock()) + 3600)  # outlives its leases
+            extend = lease.expiry + _INDEX_MARGIN_S / 2 > self._index_ttl_until
+            if extend:
+                pipe.expire(self.lease_index, math.ceil(lease.expiry - self._clock()) + _INDEX_MARGIN_S)
             pipe.evalsha(self._reserve.sha, len(keys), *keys, *args)
             try:
-                return (await pipe.execute())[-1]
+                result = (await pipe.execute())[-1]
             except NoScriptError:
                 if attempt == 2:
                     raise
                 await self._client.script_load(_RESERVE)  # a restarted or flushed Redis: once, then again
+                self._index_ttl_until = -math.inf  # and the index may be gone with it
+                continue
+            if extend:
+                self._index_ttl_until = lease.expiry + _INDEX_MARGIN_S
+            return result
         raise AssertionError("unreachable")
 
     # -- settlement ----------------------------------------------------------------------------------------
