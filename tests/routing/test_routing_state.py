@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from conftest import REDIS_URL, RedisNodes
 from llm_gateway.routing.state import CooldownPolicy
 from llm_gateway.routing.state_stores.memory import MemoryRoutingState
-from llm_gateway.routing.state_stores.redis import RedisRoutingState
+from llm_gateway.routing.state_stores.redis import COOLDOWN_VIEW_S, RedisRoutingState
 
 T0 = float(calendar.timegm((2026, 11, 23, 10, 15, 0)))  # a minute boundary
 A, B, C = "chat-default#0:openai/gpt-4o-mini", "chat-default#1:azure/gpt-4o-mini", "chat-default#2:{x}/y"
@@ -224,6 +224,28 @@ async def test_two_nodes_share_cooldowns_failures_in_flight_and_minutes(two_node
     snap = await one.snapshot([C])
     assert (snap.in_flight, snap.minute_requests, snap.minute_tokens) == ({C: 1}, {C: 2}, {C: 40})
     assert await two.failure(C, GROUP, POLICY, rate_limited=True) is None  # A and B cool everywhere: C is last
+
+
+async def test_a_cooldown_only_view_is_a_moment_old_at_most_and_never_for_what_this_node_learnt(
+        two_nodes: tuple) -> None:
+    """An alias whose strategy reads no counts routes on cooldowns read within COOLDOWN_VIEW_S (no round trip
+    per request): another node's cooldown shows once the view has aged out; this node's own failure at once."""
+    clock, one, two = two_nodes
+    assert (await two.snapshot(GROUP, counts=False)).cooling == {}
+    clock.now = T0 + 0.1
+    until = await one.failure(A, GROUP, POLICY, rate_limited=True, retry_after=10)
+    assert (await two.snapshot(GROUP, counts=False)).cooling == {}, "read from the view"
+    assert (await two.snapshot(GROUP)).cooling == {A: until}, "counts: always read fresh"
+    clock.now = T0 + COOLDOWN_VIEW_S + 0.01
+    assert (await two.snapshot(GROUP, counts=False)).cooling == {A: until}
+    clock.now = T0 + 1
+    assert (await one.snapshot(GROUP, counts=False)).cooling == {A: until}
+    cooled_b = await one.failure(B, GROUP, POLICY, rate_limited=True, retry_after=5)  # forgets one's view
+    assert (await one.snapshot(GROUP, counts=False)).cooling == {A: until, B: cooled_b}
+    clock.now = cooled_b - 0.2
+    assert (await one.snapshot(GROUP, counts=False)).cooling == {A: until, B: cooled_b}  # a view, read now
+    clock.now = cooled_b + 0.1  # B's cooldown ends while that view is still young: the view drops it by its time
+    assert (await one.snapshot(GROUP, counts=False)).cooling == {A: until}
 
 
 async def test_every_redis_key_expires() -> None:

@@ -35,6 +35,8 @@ DEPLOYMENT_FAULT = frozenset({"provider_auth_error", "provider_model_not_found"}
 CONTEXT_WINDOW = "context_length_exceeded"
 CONTENT_POLICY = "content_policy_violation"
 IN_FLIGHT_GRACE_S = 30.0  # an in-flight mark outlives its call's timeout by this much if the node dies
+# strategies that read requests in flight: their snapshots are read fresh; the others need only cooldowns
+COUNTED_STRATEGIES = frozenset({"least-busy", "latency"})
 
 
 @dataclass
@@ -163,11 +165,12 @@ class _Run(Generic[T]):
         excluded: set[str] = set()
         prices = self.router._price_table(alias)
         reuses = 0  # every deployment is tried once; `retries` more attempts may go to one already tried
+        counts = alias.strategy in COUNTED_STRATEGIES or any(d.rpm or d.tpm for d in alias.deployments)
         for _ in range(len(alias.deployments) + self.settings.retries):
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 break
-            snap = await self.state.snapshot(keys)
+            snap = await self.state.snapshot(keys, counts=counts)
             available = _available(alias, snap, excluded)
             if not available:
                 ends = [snap.cooling[k] for k in keys if k in snap.cooling]

@@ -4,7 +4,8 @@ tokens in the current fixed UTC minute (for rpm/tpm caps).
 Two stores behind one interface: ``MemoryRoutingState`` (one process) and ``RedisRoutingState`` (every Kong node
 and plugin-server process pointing at one Redis shares it: a deployment cooled by one node is skipped by all, and
 in-flight counts and caps are global). Each operation is one round trip; the ones that read and then write are
-one Lua script, so concurrent nodes never both miss a threshold.
+one Lua script, so concurrent nodes never both miss a threshold. A snapshot that needs no counts (the alias's
+strategy reads only cooldowns) may come from a view the process read a moment ago (``COOLDOWN_VIEW_S``).
 
 In flight is a sorted set per deployment, member the request id, score its expiry (start + the call's timeout
 and a grace): a node that dies mid-request cannot leave a deployment looking busy forever, its marks lapse.
@@ -67,7 +68,9 @@ class Snapshot:
 
 
 class RoutingState(Protocol):
-    async def snapshot(self, ids: Sequence[str]) -> Snapshot: ...
+    async def snapshot(self, ids: Sequence[str], counts: bool = True) -> Snapshot:
+        """``counts`` False: the caller reads only ``cooling``; a store may then answer from a view a moment old."""
+        ...
     async def begin(self, id: str, request_id: str, ttl_s: float) -> None: ...
     async def end(self, id: str, request_id: str, tokens: int) -> None: ...
     async def failure(self, id: str, group: Sequence[str], policy: CooldownPolicy, *, rate_limited: bool = False,

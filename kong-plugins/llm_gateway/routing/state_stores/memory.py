@@ -65,7 +65,7 @@ class MemoryRoutingState:
             counts = self._minutes[id] = _Minute(minute)
         return counts
 
-    async def snapshot(self, ids: Sequence[str]) -> Snapshot:
+    async def snapshot(self, ids: Sequence[str], counts: bool = True) -> Snapshot:
         now = self._now()
         minute = _minute(now)
         cooling, in_flight, requests, tokens = {}, {}, {}, {}

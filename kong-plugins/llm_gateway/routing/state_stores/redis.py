@@ -87,6 +87,12 @@ return ARGV[8]
 """
 
 
+#: how long a process routes on the cooldowns it last read, for aliases whose strategy needs no counts: a
+#: deployment another node cooled is skipped here within this much; one this process cooled, at once
+COOLDOWN_VIEW_S = 0.5
+_VIEWS_KEPT = 1024  # deployment groups whose view is kept (one per alias in use): far more than any config has
+
+
 def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
@@ -104,6 +110,8 @@ class RedisRoutingState:
         self._failure = client.register_script(_FAILURE)
         self._down_since: float | None = None  # the last Redis error, while we route on local state
         self._warned_at: float | None = None
+        # deployment group -> (read at, its cooldowns then): snapshots without counts (see COOLDOWN_VIEW_S)
+        self._views: dict[tuple[str, ...], tuple[float, dict[str, float]]] = {}
 
     def _key(self, id: str, kind: str) -> str:
         return f"{self._prefix}{{{quote(id, safe='')}}}:{kind}"
@@ -130,10 +138,22 @@ class RedisRoutingState:
             log.warning("routing state: Redis answers again; routing on shared state")
         return result
 
-    async def snapshot(self, ids: Sequence[str]) -> Snapshot:
+    async def snapshot(self, ids: Sequence[str], counts: bool = True) -> Snapshot:
+        """``counts`` False: only cooldowns decide (the alias's strategy needs no in-flight or minute counts),
+        and a view read within COOLDOWN_VIEW_S answers without a round trip (routing state is advisory)."""
         if not ids:
             return Snapshot({}, {}, {}, {})
         now = self._clock()
+        if not counts:
+            group = tuple(ids)
+            seen = self._views.get(group)
+            if seen is not None and 0 <= now - seen[0] < COOLDOWN_VIEW_S:
+                return Snapshot({id: until for id, until in seen[1].items() if until > now}, {}, {}, {})
+            snap = await self.snapshot(ids)
+            if len(self._views) >= _VIEWS_KEPT:
+                self._views.clear()
+            self._views[group] = (now, dict(snap.cooling))
+            return snap
         minute = _minute(now)
         keys: list[str] = []
         for id in ids:
@@ -184,8 +204,13 @@ class RedisRoutingState:
             cooled = await self._failure(keys=keys, args=args)
             return None if cooled is None else float(cooled)
 
+        self._forget_views(id)  # what this process learnt counts at once, not after the view's age
         return await self._run("failure", now, shared, lambda: self.fallback.failure(
             id, group, policy, rate_limited=rate_limited, retry_after=retry_after))
+
+    def _forget_views(self, id: str) -> None:
+        for group in [g for g in self._views if id in g]:
+            del self._views[group]
 
     async def success(self, id: str) -> None:
         async def shared() -> None:
