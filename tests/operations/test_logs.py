@@ -3,9 +3,12 @@ levels an operator can filter, and the usage record as its own event."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import secrets
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -95,3 +98,55 @@ def test_an_exception_is_one_line_and_the_usage_record_is_spliced_whole() -> Non
     assert entry.pop("event") == "usage" and entry.pop("logger") == logs.USAGE_LOGGER and entry.pop("ts")
     assert entry.pop("level") == "INFO" and entry == record
     assert "request_id" not in _format(logging.LogRecord("x", logging.INFO, __file__, 1, "no request", (), None))
+
+
+class _Pipe(io.StringIO):
+    """A stderr whose writes can be held, as a pipe whose reader (nginx's worker 0) is busy elsewhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = threading.Event()
+        self.open.set()
+        self.writing = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writing.set()
+        self.open.wait()
+        return super().write(text)
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("llm_gateway.test", logging.INFO, __file__, 1, message, None, None)
+
+
+def test_once_serving_a_line_never_waits_for_the_pipe_and_none_is_lost() -> None:
+    pipe = _Pipe()
+    handler = logs.BackgroundStreamHandler(pipe)
+    handler.setFormatter(logs.JSONFormatter())
+    handler.start()
+    pipe.open.clear()  # the reader stops reading
+    handler.emit(_record("first"))
+    assert pipe.writing.wait(5)
+    started = time.monotonic()
+    for n in range(200):
+        handler.emit(_record(f"line {n}"))  # queued behind the held write: the caller goes on
+    assert time.monotonic() - started < 1.0
+    handler.flush(timeout=0.2)  # a stopped reader does not keep a stopping process alive
+    assert time.monotonic() - started < 2.0
+    pipe.open.set()
+    handler.flush()
+    lines = [json.loads(line)["message"] for line in pipe.getvalue().splitlines()]
+    assert lines == ["first", *(f"line {n}" for n in range(200))]  # every line, in order, each one line
+
+
+def test_before_start_and_in_a_forked_child_lines_are_written_at_once() -> None:
+    """The zygote never starts the writer (it must not run threads when it forks); a child of a process that
+    did writes synchronously until it starts its own."""
+    pipe = _Pipe()
+    handler = logs.BackgroundStreamHandler(pipe)
+    handler.emit(_record("synchronous"))
+    assert pipe.getvalue() == "synchronous\n"
+    handler.start()
+    handler._pid = -1  # what a fork leaves: the writer thread belongs to another process
+    handler.emit(_record("after fork"))
+    assert pipe.getvalue().endswith("after fork\n")

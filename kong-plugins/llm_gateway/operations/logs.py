@@ -29,6 +29,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -67,6 +68,7 @@ class JSONFormatter(logging.Formatter):
 
 #: lines waiting for the writer thread, at most; beyond it the logging call waits (a line is never dropped)
 BACKLOG_LINES = 100_000
+FLUSH_WAIT_S = 5.0  # how long flush (logging.shutdown at exit) waits for the writer
 
 
 class BackgroundStreamHandler(logging.StreamHandler):
@@ -113,9 +115,14 @@ class BackgroundStreamHandler(logging.StreamHandler):
             for _ in batch:
                 lines.task_done()
 
-    def flush(self) -> None:
+    def flush(self, timeout: float = FLUSH_WAIT_S) -> None:
+        """Wait until the queued lines are written, at most ``timeout`` (a reader that stopped reading the
+        pipe must not keep a stopping process alive)."""
         if self._queue is not None and self._pid == os.getpid():
-            self._queue.join()
+            lines, deadline = self._queue, time.monotonic() + timeout
+            with lines.all_tasks_done:
+                while lines.unfinished_tasks and (left := deadline - time.monotonic()) > 0:
+                    lines.all_tasks_done.wait(left)
         super().flush()
 
 
