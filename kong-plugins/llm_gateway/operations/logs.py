@@ -15,8 +15,9 @@ fields at the top level of the same object (``accounting.UsageRecord.to_json``),
 Nothing here adds content to what is logged: the secret scan (tests/operations/test_secrets.py) reads these lines.
 
 Inside Kong, stderr is a pipe that nginx's worker 0 reads between its requests: a blocking write to it from the
-event loop stalled every request of the process whenever the pipe was full (one usage line per request fills
-its 64 KB in ~100 requests). So once a process serves (``write_in_background``), lines are formatted where they
+event loop would stall every request of the process whenever the pipe is full (one usage line per request fills
+its 64 KB in ~100 requests; not seen in the benchmark, where worker 0 kept up, but nothing bounds how long it
+may not). So once a process serves (``write_in_background``), lines are formatted where they
 are logged (the request id is a context variable) and written by a thread of their own, in batches; the
 zygote, which forks workers and must not run threads, keeps writing synchronously.
 """
