@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         log.critical("the plugin server failed", exc_info=True)  # one log line, not a multi-line traceback
         return 1
     finally:
+        logs.stop_writing_in_background()  # the lines still queued, then synchronous writes to the end
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

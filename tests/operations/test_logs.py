@@ -6,10 +6,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import secrets
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -115,38 +117,63 @@ class _Pipe(io.StringIO):
         return super().write(text)
 
 
-def _record(message: str) -> logging.LogRecord:
-    return logging.LogRecord("llm_gateway.test", logging.INFO, __file__, 1, message, None, None)
+def _logger(name: str, stream: Any) -> logging.Logger:
+    """A logger of its own (not the root the rest of the test run logs to), writing JSON lines to ``stream``."""
+    logger = logging.getLogger(f"llm_gateway.test.{name}.{secrets.token_hex(4)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JSONFormatter())
+    logger.addHandler(handler)
+    return logger
+
+
+def _messages(text: str) -> list[str]:
+    return [json.loads(line)["message"] for line in text.splitlines()]
 
 
 def test_once_serving_a_line_never_waits_for_the_pipe_and_none_is_lost() -> None:
     pipe = _Pipe()
-    handler = logs.BackgroundStreamHandler(pipe)
-    handler.setFormatter(logs.JSONFormatter())
-    handler.start()
-    pipe.open.clear()  # the reader stops reading
-    handler.emit(_record("first"))
-    assert pipe.writing.wait(5)
-    started = time.monotonic()
-    for n in range(200):
-        handler.emit(_record(f"line {n}"))  # queued behind the held write: the caller goes on
-    assert time.monotonic() - started < 1.0
-    handler.flush(timeout=0.2)  # a stopped reader does not keep a stopping process alive
+    logger = _logger("held", pipe)
+    logs.write_in_background(logger)
+    try:
+        pipe.open.clear()  # the reader stops reading
+        logger.info("first")
+        assert pipe.writing.wait(5)
+        started = time.monotonic()
+        for n in range(200):
+            logger.info("line %d", n)  # queued behind the held write: the caller goes on
+        assert time.monotonic() - started < 1.0
+    finally:
+        logs.stop_writing_in_background(timeout=0.2)  # a stopped reader does not keep a stopping process alive
     assert time.monotonic() - started < 2.0
     pipe.open.set()
-    handler.flush()
-    lines = [json.loads(line)["message"] for line in pipe.getvalue().splitlines()]
-    assert lines == ["first", *(f"line {n}" for n in range(200))]  # every line, in order, each one line
+    deadline = time.monotonic() + 5
+    while len(pipe.getvalue().splitlines()) < 201 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # every line, in order, each one line
+    assert _messages(pipe.getvalue()) == ["first", *(f"line {n}" for n in range(200))]
 
 
-def test_before_start_and_in_a_forked_child_lines_are_written_at_once() -> None:
+def test_before_start_and_in_a_forked_child_lines_are_written_at_once(tmp_path: Path) -> None:
     """The zygote never starts the writer (it must not run threads when it forks); a child of a process that
     did writes synchronously until it starts its own."""
     pipe = _Pipe()
-    handler = logs.BackgroundStreamHandler(pipe)
-    handler.emit(_record("synchronous"))
-    assert pipe.getvalue() == "synchronous\n"
-    handler.start()
-    handler._pid = -1  # what a fork leaves: the writer thread belongs to another process
-    handler.emit(_record("after fork"))
-    assert pipe.getvalue().endswith("after fork\n")
+    logger = _logger("sync", pipe)
+    logger.info("synchronous")
+    assert _messages(pipe.getvalue()) == ["synchronous"]
+    out = tmp_path / "child.log"
+    with out.open("w") as stream:
+        forked = _logger("fork", stream)
+        logs.write_in_background(forked)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the child: its writer thread stayed in the parent
+                forked.info("after fork")
+                stream.flush()
+                os._exit(0 if "after fork" in out.read_text() else 1)
+            _, status = os.waitpid(pid, 0)
+        finally:
+            logs.stop_writing_in_background()
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's line was not written at once"
+    assert _messages(out.read_text()) == ["after fork"]

@@ -29,6 +29,7 @@ from llm_gateway.config import ConfigRegistry
 from llm_gateway.kong import handover
 from llm_gateway.kong.control import Channel
 from llm_gateway.kong.ticket import TicketBook
+from llm_gateway.operations import logs
 
 log = logging.getLogger("llm_gateway.worker")
 
@@ -51,7 +52,7 @@ async def serve(setup: WorkerSetup, control: socket.socket, index: int, target: 
 
     from llm_gateway.kong.plugin import LLMGatewayPlugin
     from llm_gateway.listener.app import Listener
-    from llm_gateway.operations import logs, tracing
+    from llm_gateway.operations import tracing
     from llm_gateway.runtime import Runtime
 
     started = time.monotonic()
@@ -151,5 +152,6 @@ def run(setup: WorkerSetup, control: socket.socket, index: int, target: str) -> 
         log.critical("worker %d failed", index, exc_info=True)
         code = 1
     finally:
+        logs.stop_writing_in_background()  # os._exit runs no atexit: the queued lines are written here
         logging.shutdown()
     os._exit(code)

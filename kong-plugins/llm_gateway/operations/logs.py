@@ -17,20 +17,20 @@ Nothing here adds content to what is logged: the secret scan (tests/operations/t
 Inside Kong, stderr is a pipe that nginx's worker 0 reads between its requests: a blocking write to it from the
 event loop would stall every request of the process whenever the pipe is full (one usage line per request fills
 its 64 KB in ~100 requests; not seen in the benchmark, where worker 0 kept up, but nothing bounds how long it
-may not). So once a process serves (``write_in_background``), lines are formatted where they
-are logged (the request id is a context variable) and written by a thread of their own, in batches; the
-zygote, which forks workers and must not run threads, keeps writing synchronously.
+may not). So once a process serves (``write_in_background``), lines are formatted where they are logged (the
+request id is a context variable) and written by a thread of their own: the stdlib's QueueHandler and
+QueueListener. The zygote, which forks workers and must not run threads, keeps writing synchronously.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import queue
 import sys
 import threading
-import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -69,69 +69,66 @@ class JSONFormatter(logging.Formatter):
 
 #: lines waiting for the writer thread, at most; beyond it the logging call waits (a line is never dropped)
 BACKLOG_LINES = 100_000
-FLUSH_WAIT_S = 5.0  # how long flush (logging.shutdown at exit) waits for the writer
+STOP_WAIT_S = 5.0  # how long stopping waits for the writer (a reader that stopped reading must not hold an exit)
 
 
-class BackgroundStreamHandler(logging.StreamHandler):
-    """A StreamHandler whose writes, once ``start`` is called in a process, happen on a writer thread: the
-    event loop only formats and queues. ``flush`` waits until what was queued is written (logging.shutdown,
-    tests). A fork leaves the thread behind: the child writes synchronously until it calls ``start`` itself."""
+class _WaitingQueueHandler(logging.handlers.QueueHandler):
+    """The stdlib's QueueHandler (it formats in the caller, where the request id's context variable is), but
+    one that waits when the queue is full instead of dropping the line."""
 
-    def __init__(self, stream: Any = None) -> None:
-        super().__init__(stream)
-        self._queue: queue.Queue[str] | None = None
-        self._pid = 0
-
-    def start(self) -> None:
-        if self._queue is not None and self._pid == os.getpid():
-            return
-        self._queue, self._pid = queue.Queue(BACKLOG_LINES), os.getpid()
-        threading.Thread(target=self._write_lines, args=(self._queue,), name="llm_gateway.log-writer",
-                         daemon=True).start()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self._queue is None or self._pid != os.getpid():
-            super().emit(record)
-            return
-        try:
-            line = self.format(record)
-        except Exception:
-            self.handleError(record)
-            return
-        self._queue.put(line)
-
-    def _write_lines(self, lines: queue.Queue[str]) -> None:
-        while True:
-            batch = [lines.get()]
-            while len(batch) < 1000:
-                try:
-                    batch.append(lines.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self.stream.write("\n".join(batch) + "\n")
-                self.stream.flush()
-            except Exception:  # a closed stderr: nothing to write to, as with logging's own handler
-                pass
-            for _ in batch:
-                lines.task_done()
-
-    def flush(self, timeout: float = FLUSH_WAIT_S) -> None:
-        """Wait until the queued lines are written, at most ``timeout`` (a reader that stopped reading the
-        pipe must not keep a stopping process alive)."""
-        if self._queue is not None and self._pid == os.getpid():
-            lines, deadline = self._queue, time.monotonic() + timeout
-            with lines.all_tasks_done:
-                while lines.unfinished_tasks and (left := deadline - time.monotonic()) > 0:
-                    lines.all_tasks_done.wait(left)
-        super().flush()
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.queue.put(record)
 
 
-def write_in_background() -> None:
-    """This process serves now: its log lines are written off the event loop (see the module docstring)."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, BackgroundStreamHandler):
-            handler.start()
+_writer: tuple[logging.Logger, logging.Handler, logging.Handler, logging.handlers.QueueListener] | None = None
+
+
+def write_in_background(logger: logging.Logger | None = None) -> None:
+    """This process serves now: ``logger``'s (the root's) handlers write from a stdlib QueueListener thread,
+    the event loop only formats and queues (see the module docstring). A process forked later writes
+    synchronously again (its writer thread stayed behind), until it calls this itself."""
+    global _writer
+    logger = logger if logger is not None else logging.getLogger()
+    if _writer is not None or not logger.handlers:
+        return
+    original = logger.handlers[0]
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(BACKLOG_LINES)
+    queued = _WaitingQueueHandler(lines)
+    queued.setFormatter(original.formatter)
+    # the listener's handler gets records whose message is the formatted line: it writes them as they are
+    out = logging.StreamHandler(getattr(original, "stream", sys.stderr))
+    out.setFormatter(logging.Formatter("%(message)s"))
+    listener = logging.handlers.QueueListener(lines, out)
+    logger.removeHandler(original)
+    logger.addHandler(queued)
+    listener.start()
+    _writer = (logger, original, queued, listener)
+
+
+def stop_writing_in_background(timeout: float = STOP_WAIT_S) -> None:
+    """Write what is queued (waiting at most ``timeout``) and go back to synchronous writes: at exit."""
+    global _writer
+    if _writer is None:
+        return
+    logger, original, queued, listener = _writer
+    _writer = None
+    logger.removeHandler(queued)
+    logger.addHandler(original)
+    stopping = threading.Thread(target=listener.stop, name="llm_gateway.log-stop", daemon=True)
+    stopping.start()
+    stopping.join(timeout)
+
+
+def _after_fork_in_child() -> None:
+    global _writer
+    if _writer is not None:
+        logger, original, queued, _ = _writer
+        _writer = None
+        logger.removeHandler(queued)
+        logger.addHandler(original)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def configure(level: str | None = None, fmt: str | None = None) -> None:
@@ -139,7 +136,7 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
     exceptions nobody caught (in any thread) become log lines too, rather than multi-line text."""
     level = (level or os.environ.get("LLM_GATEWAY_LOG_LEVEL") or "INFO").upper()
     fmt = (fmt or os.environ.get("LLM_GATEWAY_LOG_FORMAT") or "json").lower()
-    handler = BackgroundStreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(TEXT_FORMAT) if fmt == "text" else JSONFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
