@@ -176,20 +176,18 @@ class Listener:
     async def _read_body(self, request: web.Request, config: GatewayConfig) -> bytes:
         """The raw body, as Kong forwarded it, within body_timeout and the route's max_body_bytes (a declared
         length over it is refused before a byte is read)."""
-        too_large = GatewayError(413, f"The request body is larger than {config.max_body_bytes} bytes.",
-                                 code="request_too_large")
         if (request.content_length or 0) > config.max_body_bytes:
-            raise too_large
+            raise _too_large(config)
         try:
             async with asyncio.timeout(self.body_timeout):
                 body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+            raise _too_large(config) from None
         except TimeoutError:
             raise GatewayError(408, f"The request body did not arrive within {self.body_timeout:g} s.",
                                code="request_timeout", headers={"Connection": "close"}) from None
         if len(body) > config.max_body_bytes:
-            raise too_large
+            raise _too_large(config)
         return body
 
     def _admit(self, request: web.Request) -> tuple[GatewayConfig, ticket.Claims]:
@@ -428,3 +426,8 @@ async def _quietly(step: Awaitable[object], what: str, ex: _Exchange) -> None:
         await step
     except Exception as exc:
         log.warning("request %s: %s failed: %s", ex.request_id, what, type(exc).__name__)
+
+
+def _too_large(config: GatewayConfig) -> GatewayError:
+    return GatewayError(413, f"The request body is larger than {config.max_body_bytes} bytes.",
+                        code="request_too_large")

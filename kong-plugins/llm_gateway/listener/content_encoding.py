@@ -1,10 +1,10 @@
 """Request bodies sent with a ``Content-Encoding``: decoded here, after the ticket check, and never past a limit.
 
-Kong forwards the body as the client sent it and the access phase mints the ticket over those raw bytes, so the
-listener reads the raw body (aiohttp's transparent decompression is off), verifies the ticket over it, and only
-then decodes it. Decoding is bounded: a small compressed body can expand a thousandfold (a 58 KB gzip body can
-hold 60 MB), so output stops one byte past the route's ``max_body_bytes`` (413), and a body that could expand
-to more than ``INLINE_LIMIT`` bytes is decoded in a worker thread (zlib releases the GIL), not on the event loop.
+Kong forwards the body as the client sent it, so the listener checks the ticket, reads the raw body (aiohttp's
+transparent decompression is off), and only then decodes it. Decoding is bounded: a small compressed body can
+expand a thousandfold (a 58 KB gzip body can hold 60 MB), so output stops one byte past the route's
+``max_body_bytes`` (413), and a body that could expand to more than ``INLINE_LIMIT`` bytes is decoded in a
+worker thread (zlib releases the GIL), not on the event loop.
 
 Supported: ``gzip`` (``x-gzip``; several members are fine) and ``deflate`` (zlib-wrapped, as HTTP specifies,
 or raw, as some clients send it), and chains of them. ``br`` and ``zstd`` need libraries this package does not

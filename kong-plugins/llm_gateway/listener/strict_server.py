@@ -133,7 +133,7 @@ class StrictAppRunner(web.AppRunner):
                  on_answer: Callable[[int], None] = lambda status: None, **kwargs: Any) -> None:
         kwargs = {"access_log": None, "keepalive_timeout": KEEPALIVE_TIMEOUT, "max_line_size": MAX_LINE_SIZE,
                   "max_field_size": MAX_FIELD_SIZE, "max_headers": MAX_HEADERS, "lingering_time": LINGERING_TIME,
-                  # the ticket is minted over the raw body: decompression happens after its check
+                  # decompression happens after the ticket check, bounded (listener/content_encoding.py)
                   "auto_decompress": False, **kwargs}
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
