@@ -15,10 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ALICE_KEY, MAX_BODY_BYTES, wait_for_record
+from conftest import ALICE_KEY, MAX_BODY_BYTES, gateway_config, route_to, wait_for_record
 from kong_harness import KongHarness, PluginServerProcess
 from llm_gateway.errors import GatewayError
 from llm_gateway.listener import content_encoding
+from mock_provider import MockProvider
 
 HELLO = [{"role": "user", "content": "Say hello to the gateway"}]
 BODY = json.dumps({"model": "gpt-mock", "messages": HELLO}).encode()
@@ -90,21 +91,34 @@ def test_malformed_compressed_bodies_are_400(kong: KongHarness, encoding: str, b
     assert error["param"] == "Content-Encoding" and encoding in error["message"]
 
 
-def test_decompression_bomb_is_413_and_bounded(kong: KongHarness, plugin_server: PluginServerProcess) -> None:
-    """A 58 KB gzip body holding 60 MB: refused once the output passes max_body_bytes, never decompressed whole."""
-    bomb = gzip.compress(b'{"model": "gpt-mock", "messages": [], "pad": "' + b" " * (60 * 1024 * 1024), 9)
-    assert len(bomb) < MAX_BODY_BYTES  # the compressed body itself fits the route's limit
+def _gzip_bomb(decoded_mib: int) -> bytes:
+    """A gzip body holding ``decoded_mib`` MiB of JSON padding, compressed a MiB at a time (never held whole)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [packer.compress(b'{"model": "gpt-mock", "messages": [], "pad": "')]
+    spaces = b" " * (1 << 20)
+    parts += [packer.compress(spaces) for _ in range(decoded_mib)]
+    return b"".join([*parts, packer.flush()])
+
+
+def test_decompression_bomb_is_413_and_bounded(plugin_server: PluginServerProcess,
+                                              mock_provider: MockProvider) -> None:
+    """A 1 MB gzip body holding 1 GiB, on a route whose limit is 1 MiB: refused once the output passes the
+    limit, never decompressed whole. The server's first requests grow it by tens of MB whatever they carry
+    (LiteLLM's first call, a thread's malloc arena), so the bound is far from that and far under a whole decode."""
+    limit = 1 << 20
+    bomb = _gzip_bomb(1024)
+    assert len(bomb) < limit  # the compressed body itself fits the route's limit
 
     def peak_rss_kb() -> int:
         status = Path(f"/proc/{plugin_server.pid}/status").read_text()
         return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
 
-    before = peak_rss_kb()
-    for _ in range(3):
-        response = post(kong, bomb, "gzip")
-        error = error_of(response, 413, "request_too_large")
-        assert str(MAX_BODY_BYTES) in error["message"]
-    assert peak_rss_kb() - before < 16 * 1024, "the bomb was decompressed past the limit"
+    with route_to(plugin_server, dict(gateway_config(mock_provider), max_body_bytes=limit)) as roomy:
+        before = peak_rss_kb()
+        for _ in range(3):
+            error = error_of(post(roomy, bomb, "gzip"), 413, "request_too_large")
+            assert str(limit) in error["message"]
+    assert peak_rss_kb() - before < 256 * 1024, "the bomb was decompressed past the limit"
 
 
 def test_compressed_body_within_limit_only_after_decoding(kong: KongHarness) -> None:
