@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, help="seconds measured per cell (default 5; --smoke 0.6)")
     parser.add_argument("--kong", action="store_true", help="only the real-Kong comparison (bench/kong_bench.py)")
     parser.add_argument("--no-kong", action="store_true", help="skip the real-Kong comparison even if Kong is found")
+    parser.add_argument("--mock-latency", type=int, default=0,
+                        help="real-Kong comparison: the mock's ms before a JSON answer (default 0; 60: a provider's)")
     parser.add_argument("--soak", action="store_true", help="steady load against ours, RSS sampled")
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the soak (default 10)")
     parser.add_argument("--soak-rate", type=float, default=100.0, help="requests/s during the soak (default 100)")
@@ -368,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
     status = 0 if args.kong else bench(args)
     if not args.no_kong:
-        status |= kong_bench.run(args.smoke, args.rounds, args.duration)
+        status |= kong_bench.run(args.smoke, args.rounds, args.duration, latency_ms=args.mock_latency)
     return status
 
 

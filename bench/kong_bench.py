@@ -8,6 +8,10 @@ the same front door, key-auth + rate-limiting (policy local, a limit no run reac
 * ``Kong → mock``: the route's Service is the mock provider itself (Kong's own floor);
 * ``Kong + ai-proxy``: Kong's bundled Lua plugin, ``llm/v1/chat``, openai, ``upstream_url`` at the mock;
 * ``Kong + ours``: the shipped kong.yml's LLM route (our plugin server, its listener, LiteLLM in-process);
+* ``Kong + ours, no provider call``: the shipped kong.yml's ``GET /v1/models`` through the same plugin: the
+  access phase's RPC, the second proxied hop and the listener's ticket check, answered from the config's cached
+  model list, with no provider call, no LiteLLM and no accounting: what this architecture costs before any LLM
+  work (its floor);
 * ``Kong → LiteLLM Proxy``: the route's Service is ``litellm --num_workers 1`` (bench/stack.py), itself at
   the mock.
 
@@ -21,7 +25,12 @@ processes (N = the machine's cores; a fresh Kong each). With N processes, the ro
 only store every process shares: with memory budgets a consumer's requests stay on one process), and LiteLLM
 Proxy's row comes from the 1-process Kong.
 
-    bench/run --kong [--smoke] [--rounds N] [--duration S]     (bench/run alone runs it after the harness one)
+``--mock-latency 60`` gives the JSON cells a provider that waits 60 ms before its headers (and saturates with
+64 connections instead of 16): the profile of a real provider, where what a gateway adds is latency, not
+throughput.
+
+    bench/run --kong [--smoke] [--rounds N] [--duration S] [--mock-latency MS]
+    (bench/run alone runs it after the harness one)
 """
 
 from __future__ import annotations
@@ -49,15 +58,27 @@ from report import fmt, pct
 
 from real_kong import LocalKong, Ports, declarative_config, local_binary, wait_until_serving
 
-# client model alias → the mock's model: 0 ms before the headers, 50 words; streams: 50 chunks 20 ms apart
-JSON_MODEL, STREAM_MODEL = "mock-words-50", "mock-drip-20-words-50"
-ALIASES = {"bench-json": JSON_MODEL, "bench-stream": STREAM_MODEL}
+# the mock's models: 50 words, after `latency` ms before the headers; streams: 50 chunks 20 ms apart
+STREAM_MODEL = "mock-drip-20-words-50"
+
+
+def json_model(latency_ms: int) -> str:
+    return f"mock-slow-{latency_ms}-words-50" if latency_ms else "mock-words-50"
+
+
+def aliases(latency_ms: int) -> dict[str, str]:
+    """client model alias → the mock's model, for ours and LiteLLM Proxy"""
+    return {"bench-json": json_model(latency_ms), "bench-stream": STREAM_MODEL}
+
+
 RATE_LIMIT_PER_MINUTE = 10_000_000  # rate-limiting runs on every route, with a limit no run reaches
 MOCK, AI_PROXY, OURS, PROXY = "Kong → mock", "Kong + ai-proxy", "Kong + ours", "Kong → LiteLLM Proxy"
+FLOOR = "Kong + ours, no provider call"
 # what a path costs beyond the provider: the processes it goes through (the others idle meanwhile, and their
 # idle CPU is no more this path's than another process's)
 GATEWAY = {MOCK: ("nginx",), AI_PROXY: ("nginx",), OURS: ("nginx", "plugin server"),
-           PROXY: ("nginx", "LiteLLM Proxy")}
+           FLOOR: ("nginx", "plugin server"), PROXY: ("nginx", "LiteLLM Proxy")}
+PLUGIN_SERVER_PATHS = (OURS, FLOOR)
 
 
 @dataclass
@@ -72,6 +93,12 @@ class Settings:
     rate_cells: bool  # the fixed-rate JSON cells (skipped by --smoke)
     with_proxy: bool  # LiteLLM Proxy behind Kong (skipped by --smoke: it imports for ~10 s)
     budgets: str = "auto"  # ours' budgets: auto (memory with 1 process, Redis with more), redis, memory
+    latency_ms: int = 0  # the mock's wait before a JSON answer's headers
+
+    @property
+    def connections(self) -> int:
+        """JSON saturation's closed loop: with a provider that waits, more requests must be in flight"""
+        return 64 if self.latency_ms else 16
 
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -89,22 +116,26 @@ class Route:
     headers: dict[str, str]
     models: dict[str, str]  # "json" / "stream" → the body's model
     stream_url: str = ""  # when streams take another route (ai-proxy's model is fixed per route)
+    method: str = "POST"  # GET: no body
+    streams: bool = True  # whether the path has stream cells
 
     def url_for(self, stream: bool) -> str:
         return self.stream_url if stream and self.stream_url else self.url
 
 
 # -- Kong's declarative config -----------------------------------------------------------------------------
-def bench_doc(ports: Ports, mock: stack.MockProcess, proxy_url: str | None, redis: bool = False) -> dict[str, Any]:
-    """The shipped kong.yml (tests/real_kong.py's declarative_config) reduced to its LLM route, with our
-    aliases at the mock, plus the three peer routes behind the same key-auth + rate-limiting; ``redis``: the
-    budgets in Redis (a run's own key prefix) instead of the plugin server's memory."""
+def bench_doc(ports: Ports, mock: stack.MockProcess, proxy_url: str | None, redis: bool = False,
+              latency_ms: int = 0) -> dict[str, Any]:
+    """The shipped kong.yml (tests/real_kong.py's declarative_config) reduced to its LLM and models routes,
+    with our aliases at the mock, plus the three peer routes behind the same key-auth + rate-limiting;
+    ``redis``: the budgets in Redis (a run's own key prefix) instead of the plugin server's memory."""
     models = [{"name": alias, "deployments": [{"model": f"openai/{model}", "api_base": mock.openai_base,
-                                                "api_key_env": "OPENAI_API_KEY"}]} for alias, model in ALIASES.items()]
+                                                "api_key_env": "OPENAI_API_KEY"}]}
+              for alias, model in aliases(latency_ms).items()]
 
     def mutate(doc: dict[str, Any]) -> None:
         llm = doc["services"][0]
-        llm["routes"] = llm["routes"][:1]  # the llm-api route; the models route and the test tier's extras go
+        llm["routes"] = llm["routes"][:2]  # llm-api and llm-models; the test tier's extras go
         # the same front door everywhere: pre-function (a bearer-token convenience) is not part of it
         llm["plugins"] = [p for p in llm["plugins"] if p["name"] != "pre-function"]
         by_name = {p["name"]: p for p in llm["plugins"]}
@@ -128,7 +159,7 @@ def bench_doc(ports: Ports, mock: stack.MockProcess, proxy_url: str | None, redi
                           "options": {"upstream_url": f"{mock.openai_base}/chat/completions"}}}}
 
         doc["services"] = [llm, service("mock", mock.base_url, "/mock"),
-                           service("ai-json", mock.base_url, "/ai-json", (ai_proxy(JSON_MODEL),)),
+                           service("ai-json", mock.base_url, "/ai-json", (ai_proxy(json_model(latency_ms)),)),
                            service("ai-stream", mock.base_url, "/ai-stream", (ai_proxy(STREAM_MODEL),))]
         if proxy_url:
             doc["services"].append(service("litellm", proxy_url, "/litellm"))
@@ -138,14 +169,14 @@ def bench_doc(ports: Ports, mock: stack.MockProcess, proxy_url: str | None, redi
     return declarative_config(ports.listener, mock.base_url, models, mutate)
 
 
-def routes(kong_url: str, mock: stack.MockProcess, with_proxy: bool) -> list[Route]:
+def routes(kong_url: str, mock: stack.MockProcess, with_proxy: bool, latency_ms: int = 0) -> list[Route]:
     key = {"apikey": stack.CLIENT_KEY}
+    mocked = {"json": json_model(latency_ms), "stream": STREAM_MODEL}
     found = [Route(MOCK, f"{kong_url}/mock/v1/chat/completions",
-                   {**key, "Authorization": f"Bearer {stack.PROVIDER_KEY}"},
-                   {"json": JSON_MODEL, "stream": STREAM_MODEL}),
-             Route(AI_PROXY, f"{kong_url}/ai-json", key, {"json": JSON_MODEL, "stream": STREAM_MODEL},
-                   f"{kong_url}/ai-stream"),
-             Route(OURS, f"{kong_url}/v1/chat/completions", key, {"json": "bench-json", "stream": "bench-stream"})]
+                   {**key, "Authorization": f"Bearer {stack.PROVIDER_KEY}"}, mocked),
+             Route(AI_PROXY, f"{kong_url}/ai-json", key, mocked, f"{kong_url}/ai-stream"),
+             Route(OURS, f"{kong_url}/v1/chat/completions", key, {"json": "bench-json", "stream": "bench-stream"}),
+             Route(FLOOR, f"{kong_url}/v1/models", key, {}, method="GET", streams=False)]
     if with_proxy:
         found.append(Route(PROXY, f"{kong_url}/litellm/v1/chat/completions",
                            {**key, "Authorization": f"Bearer {stack.PROXY_MASTER_KEY}"},
@@ -271,8 +302,8 @@ class Cell:
 
 
 WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = {body}
+wrk.method = "{method}"
+{body}
 {headers}
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -305,21 +336,23 @@ class Driver:
             cell.others.append(noise.report()[0])
 
     def _body(self, route: Route, kind: str) -> dict[str, Any]:
-        return {"model": route.models[kind], "messages": MESSAGES}
+        return {"model": route.models[kind], "messages": MESSAGES} if route.method == "POST" else {}
 
-    def saturate_json(self, route: Route, seconds: float, cell: Cell | None) -> None:
+    def saturate_json(self, route: Route, seconds: float, cell: Cell | None, connections: int = 16) -> None:
         if self.wrk is None:
-            return self._loadgen(route, cell, mode="saturate", stream=False, concurrency=16, warmup=0.0,
+            return self._loadgen(route, cell, mode="saturate", stream=False, concurrency=connections, warmup=0.0,
                                  duration=seconds)
-        headers = "\n".join(f"wrk.headers[ {_lua_string(k)} ] = {_lua_string(v)}"
-                            for k, v in {"Content-Type": "application/json", **route.headers}.items())
+        posting = route.method == "POST"
+        sent = {"Content-Type": "application/json", **route.headers} if posting else route.headers
+        headers = "\n".join(f"wrk.headers[ {_lua_string(k)} ] = {_lua_string(v)}" for k, v in sent.items())
         script = self.scripts / "post.lua"
-        script.write_text(WRK_SCRIPT.format(body=_lua_string(json.dumps(self._body(route, "json"))),
-                                            headers=headers))
+        body = f"wrk.body = {_lua_string(json.dumps(self._body(route, 'json')))}" if posting else ""
+        script.write_text(WRK_SCRIPT.format(method=route.method, body=body, headers=headers))
         groups = self.processes.groups()
         with self.others(groups, cell):
             before = group_cpu(groups, _cpu_or_zero)
-            run = subprocess.run([self.wrk, "-t1", "-c16", f"-d{max(1, math.ceil(seconds))}s", "--timeout",
+            run = subprocess.run([self.wrk, "-t1", f"-c{connections}", f"-d{max(1, math.ceil(seconds))}s",
+                                  "--timeout",
                                   "30s", "-s", str(script), route.url], capture_output=True, text=True,
                                  timeout=seconds + 60)
             after = group_cpu(groups, _cpu_or_zero)
@@ -343,6 +376,7 @@ class Driver:
         url = route.url_for(task["stream"])
         with self.others(groups, cell):
             result = self.loadgen.run({"url": url, "headers": route.headers, "rate": 0.0, "min_requests": 0,
+                                       "method": route.method,
                                        "body": self._body(route, "stream" if task["stream"] else "json"),
                                        "cpu_pids": pids, **task})
         if cell is None:
@@ -374,12 +408,13 @@ def measure(driver: Driver, paths: list[Route], settings: Settings, workers: int
     """Every cell of one Kong, interleaved by round."""
     cells: dict[tuple[str, str], Cell] = {}
     for route in paths if settings.prewarm else ():  # lazy imports, new connections, LuaJIT traces: not measured
-        driver.saturate_json(route, settings.prewarm, None)
-        driver.streams(route, settings.stream_concurrency, settings.prewarm, 0.05, None)
+        driver.saturate_json(route, settings.prewarm, None, settings.connections)
+        if route.streams:
+            driver.streams(route, settings.stream_concurrency, settings.prewarm, 0.05, None)
     for _ in range(settings.rounds):
         for route in paths:
             cell = cells.setdefault((route.name, "sat-json"), Cell())
-            driver.saturate_json(route, settings.duration, cell)
+            driver.saturate_json(route, settings.duration, cell, settings.connections)
             progress(workers, "sat-json", route, cell)
     rates: dict[str, float] = {}
     if settings.rate_cells:
@@ -393,7 +428,7 @@ def measure(driver: Driver, paths: list[Route], settings: Settings, workers: int
                 driver.rate_json(route, rates[route.name], settings.duration, cell)
                 progress(workers, "rate-json", route, cell)
     for _ in range(settings.rounds):
-        for route in paths:
+        for route in (r for r in paths if r.streams):
             cell = cells.setdefault((route.name, "streams"), Cell())
             driver.streams(route, settings.stream_concurrency, settings.stream_warmup, settings.duration, cell)
             progress(workers, "streams", route, cell)
@@ -423,7 +458,8 @@ def _title(kind: str, workers: int, count: int, redis: bool) -> str:
 def json_table(workers: int, count: int, paths: list[Route], run: dict[str, Any], with_wrk: bool) -> list[str]:
     cells, rates = run["cells"], run["rates"]
     floor = cells.get((MOCK, "rate-json"), Cell()).latency
-    tool = "wrk -t1 -c16" if with_wrk else "bench/loadgen.py, concurrency 16"
+    connections = run.get("connections", 16)
+    tool = f"wrk -t1 -c{connections}" if with_wrk else f"bench/loadgen.py, concurrency {connections}"
     lines = [_title("JSON", workers, count, run.get("redis", False)), "",
              f"Saturation: {tool} (closed loop; latency is the closed loop's). At rate: bench/loadgen.py open "
              "loop at half of ours' saturated throughput (Kong → LiteLLM Proxy: half of its own), timed from "
@@ -444,7 +480,7 @@ def json_table(workers: int, count: int, paths: list[Route], run: dict[str, Any]
                    else _pair(pct(sat.latency, 0.5), pct(sat.latency, 0.99)))
         lines.append(" | ".join([
             f"| {route.name}", fmt(sat.rps, 0), latency, fmt(sat.per_request("nginx"), 3),
-            fmt(sat.per_request("plugin server"), 3) if route.name == OURS else "–",
+            fmt(sat.per_request("plugin server"), 3) if route.name in PLUGIN_SERVER_PATHS else "–",
             fmt(sat.per_request("LiteLLM Proxy"), 3) if route.name == PROXY else "–", fmt(total, 3),
             fmt(1000 / total if total else math.nan, 0), fmt(rates.get(route.name, math.nan), 0),
             _pair(pct(rate.latency, 0.5), pct(rate.latency, 0.99)), fmt(over, 1),
@@ -464,12 +500,12 @@ def stream_table(workers: int, count: int, paths: list[Route], run: dict[str, An
              "| plugin server CPU ms/chunk | LiteLLM Proxy CPU ms/chunk | gateway CPU ms/chunk | mock CPU ms/chunk "
              "| others' CPU % of a core, max of rounds | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for route in paths:
+    for route in (r for r in paths if r.streams):
         cell = cells.get((route.name, "streams"), Cell())
         lines.append(" | ".join([
             f"| {route.name}", fmt(cell.rps, 1), _pair(pct(cell.ttft, 0.5), pct(cell.ttft, 0.99), 0),
             _pair(pct(cell.total, 0.5), pct(cell.total, 0.99), 0), fmt(cell.per_chunk("nginx"), 3),
-            fmt(cell.per_chunk("plugin server"), 3) if route.name == OURS else "–",
+            fmt(cell.per_chunk("plugin server"), 3) if route.name in PLUGIN_SERVER_PATHS else "–",
             fmt(cell.per_chunk("LiteLLM Proxy"), 3) if route.name == PROXY else "–",
             fmt(cell.per_chunk(*GATEWAY[route.name]), 3), fmt(cell.per_chunk("mock"), 3), _max(cell.others),
             _errors(cell) + " |"]))
@@ -511,6 +547,16 @@ def targets_table(runs: dict[tuple[int, int], dict[str, Any]], settings: Setting
                      f"{fmt(cpu_ratio, 2)}× ({fmt(ours.per_request('nginx'), 3)} + "
                      f"{fmt(ours.per_request('plugin server'), 3)} ms vs {fmt(ai.per_request('nginx'), 3)} ms) "
                      f"| {_status(cpu_ratio, 2)} |")
+        floor = get(FLOOR, "sat-json")
+        if floor.requests:
+            floor_cpu = floor.per_request(*GATEWAY[FLOOR])
+            lines.append(f"| (no target) the architecture's floor: {FLOOR} (GET /v1/models) against ai-proxy | – | "
+                         f"{workers} | req/s {fmt(floor.rps / ai.rps if ai.rps else math.nan, 2)}× "
+                         f"({fmt(floor.rps, 0)} vs {fmt(ai.rps, 0)}); gateway CPU per request "
+                         f"{fmt(floor_cpu / ai.per_request(*GATEWAY[AI_PROXY]), 2)}× "
+                         f"({fmt(floor.per_request('nginx'), 3)} + {fmt(floor.per_request('plugin server'), 3)} ms); "
+                         f"ours' LLM work on top of it: {fmt(ours.per_request(*GATEWAY[OURS]) - floor_cpu, 3)} ms "
+                         "| – |")
         if settings.rate_cells:
             rate, floor = get(OURS, "rate-json").latency, get(MOCK, "rate-json").latency
             over = pct(rate, 0.99) - pct(floor, 0.99)
@@ -564,12 +610,12 @@ def available() -> tuple[str | None, str]:
 
 @contextlib.contextmanager
 def kong_for(binary: str, workers: int, processes: int, mock: stack.MockProcess,
-             proxy: stack.ProxyProcess | None, redis: bool) -> Iterator[BenchKong]:
+             proxy: stack.ProxyProcess | None, redis: bool, latency_ms: int = 0) -> Iterator[BenchKong]:
     ports = Ports()
     env = {"OPENAI_API_KEY": stack.PROVIDER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     BenchKong.processes = processes  # read by write_conf, which the constructor calls
-    kong = BenchKong(binary, bench_doc(ports, mock, proxy.url if proxy else None, redis=redis), ports, env,
-                     workers)
+    kong = BenchKong(binary, bench_doc(ports, mock, proxy.url if proxy else None, redis=redis,
+                                       latency_ms=latency_ms), ports, env, workers)
     try:
         kong.start()
         wait_until_serving(kong, {"model": "bench-json", "messages": MESSAGES}, stack.CLIENT_KEY)
@@ -585,7 +631,7 @@ def kong_version(binary: str) -> str:
 
 def run(smoke: bool, rounds: int | None = None, duration: float | None = None,
         workers: tuple[int, ...] | None = None, processes: tuple[int, ...] | None = None,
-        budgets: str = "auto") -> int:
+        budgets: str = "auto", latency_ms: int = 0) -> int:
     """The real-Kong comparison; writes bench/results/kong[-smoke]-*.md. Returns 1 when a path erred.
     ``budgets``: where ours keeps the route's budgets: ``auto`` (memory with one process, Redis with more),
     ``redis`` or ``memory`` (the latter pins each consumer to one process: no spread)."""
@@ -599,6 +645,7 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None,
     settings.workers = workers or settings.workers
     settings.processes = processes or settings.processes
     settings.budgets = budgets
+    settings.latency_ms = latency_ms
     started = time.monotonic()
     runs: dict[tuple[int, int], dict[str, Any]] = {}
     notes: list[str] = []
@@ -607,7 +654,7 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None,
         mock = processes.enter_context(stack.mock_provider())
         proxy = None
         if settings.with_proxy and stack.litellm_proxy_installed():
-            proxy = processes.enter_context(stack.litellm_proxy(ALIASES, mock))
+            proxy = processes.enter_context(stack.litellm_proxy(aliases(settings.latency_ms), mock))
             try:
                 proxy.wait_ready()
             except stack.ProxyMissing as exc:
@@ -621,10 +668,10 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None,
                 for count in settings.processes:
                     starting = time.monotonic()
                     in_redis = settings.budgets == "redis" or (settings.budgets == "auto" and count > 1)
-                    with kong_for(binary, workers, count, mock, proxy, in_redis) as kong:
+                    with kong_for(binary, workers, count, mock, proxy, in_redis, settings.latency_ms) as kong:
                         group = Processes(kong, mock, proxy)
                         # LiteLLM Proxy does not depend on our process count: measured once per worker count
-                        run_paths = [r for r in routes(kong.url, mock, proxy is not None)
+                        run_paths = [r for r in routes(kong.url, mock, proxy is not None, settings.latency_ms)
                                      if count == 1 or r.name != PROXY]
                         paths = run_paths if count == 1 else paths
                         print(f"real Kong, {workers} worker(s), {count} plugin-server process(es): serving "
@@ -634,6 +681,7 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None,
                         driver = Driver(group, loadgen)
                         result = runs[(workers, count)] = measure(driver, run_paths, settings, workers)
                         result["wrk"] = driver.wrk is not None
+                        result["connections"] = settings.connections
                         share, text = noise.report()
                         result["noise"] = share
                         result["redis"] = in_redis
@@ -647,7 +695,7 @@ def run(smoke: bool, rounds: int | None = None, duration: float | None = None,
                   *stream_table(workers, count, shown, result, settings)]
     lines += ["", "#### Issue 13's targets, against the peers in this run", "", *targets_table(runs, settings), "",
               f"Wall time {time.monotonic() - started:.0f} s."]
-    write("kong-smoke" if smoke else "kong", lines)
+    write(("kong-smoke" if smoke else "kong") + (f"-{settings.latency_ms}ms" if settings.latency_ms else ""), lines)
     failed = [(w, name, kind) for w, result in runs.items() for (name, kind), cell in result["cells"].items()
               if cell.errors and name != PROXY]
     if failed:
@@ -665,8 +713,9 @@ def header(binary: str, smoke: bool, settings: Settings) -> list[str]:
             f"* every route: key-auth + rate-limiting (policy local, {RATE_LIMIT_PER_MINUTE:,} a minute, by "
             "consumer); ours: the shipped kong.yml's plugin config (in-memory budgets) with two aliases at the "
             "mock; ai-proxy: llm/v1/chat, openai, upstream_url at the mock; LiteLLM Proxy: `--num_workers 1`",
-            "* mock provider: tests/mock_provider.py in its own process, 0 ms before the headers, 50 words "
-            "(JSON) or 50 chunks 20 ms apart (streams); the 60 ms profile is not part of the real-Kong section",
+            f"* mock provider: tests/mock_provider.py in its own process, {settings.latency_ms} ms before the "
+            "headers, 50 words (JSON; saturated with wrk -t1 "
+            f"-c{settings.connections}) or 50 chunks 20 ms apart (streams)",
             "* the load generators (wrk, bench/loadgen.py) share the machine's 2 cores with what they measure",
             f"* {settings.rounds} round(s) of interleaved cells, {settings.duration:g} s measured each; "
             f"{settings.prewarm:g} s of load per path first, not counted", ""]
@@ -684,6 +733,8 @@ def _counts(name: str) -> tuple[int, ...] | None:
 
 if __name__ == "__main__":
     # bench/kong_bench.py [--smoke] [--rounds N] [--workers 1,2] [--processes 1,2] [--budgets auto|redis|memory]
+    #                     [--mock-latency MS]
     rounds = _option("--rounds")
     sys.exit(run("--smoke" in sys.argv, int(rounds) if rounds else None, workers=_counts("--workers"),
-                 processes=_counts("--processes"), budgets=_option("--budgets") or "auto"))
+                 processes=_counts("--processes"), budgets=_option("--budgets") or "auto",
+                 latency_ms=int(_option("--mock-latency") or 0)))

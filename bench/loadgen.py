@@ -7,7 +7,8 @@ cores with the systems under test: that is stated in the output.
 Protocol: one JSON task per line on stdin; the result, as JSON, in the file the task names (results run to
 megabytes of samples: a file, not a pipe), then "done" on stdout; until stdin closes. A task:
 
-    {"mode": "saturate" | "rate", "url", "headers", "body", "stream": bool,
+    {"mode": "saturate" | "rate", "url", "method": "POST" (default) | "GET" (no body), "headers", "body",
+     "stream": bool,
      "concurrency": int (saturate), "min_requests": int (saturate, optional), "rate": float requests/s (rate),
      "warmup": s, "duration": s, "result_path": where to write the result,
      "cpu_pids": [pid, ...], "stream_every": int (rate only; 0: never, k: every k-th request streams)}
@@ -62,9 +63,10 @@ def _has_content(line: bytes) -> bool:
 
 async def one(session: aiohttp.ClientSession, task: dict[str, Any], stream: bool, started: float) -> Record:
     """One request, timed from `started`."""
-    body = dict(task["body"], stream=True) if stream else task["body"]
+    method = task.get("method", "POST")
+    body = None if method == "GET" else dict(task["body"], stream=True) if stream else task["body"]
     try:
-        async with session.post(task["url"], json=body, headers=task["headers"]) as response:
+        async with session.request(method, task["url"], json=body, headers=task["headers"]) as response:
             if response.status != 200:
                 raise RuntimeError(f"HTTP {response.status}: {(await response.read())[:200]!r}")
             if not stream:
