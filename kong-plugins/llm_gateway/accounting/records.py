@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -20,6 +19,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the
 
 from redis.exceptions import NoScriptError
 
+from llm_gateway import wire_json
 from llm_gateway.accounting.tokens import TokenUsage
 
 log = logging.getLogger("llm_gateway.accounting")
@@ -110,7 +110,7 @@ class UsageRecord:
 def record_line(record: UsageRecord) -> str | None:
     """The record as the one JSON line the log and the stream carry; None (logged) if it cannot be."""
     try:
-        return json.dumps(record.to_json(), separators=(",", ":"), ensure_ascii=False, default=str)
+        return wire_json.dumps(record.to_json(), default=str).decode()
     except Exception:
         log.exception("could not serialise the usage record of request %s", record.request_id)
         return None

@@ -6,8 +6,9 @@ path keeps what LiteLLM knows — which parameters the model supports and how to
 unknown models: ``parameter_policy.for_openai_format``), the request body, the URL — by calling the provider
 config's pure functions once per request, and does the HTTP itself: one pooled aiohttp session, the
 provider's bytes relayed as they come.
-Every chunk is still parsed (a few µs), to find usage and to catch a malformed stream, but forwarded as
-received, never re-encoded.
+Every chunk is still parsed (about a µs with orjson: wire_json.py), to find usage and to catch a malformed
+stream, and forwarded as received, except that the ``usage: null`` a provider adds to every chunk when usage
+is asked for upstream (the gateway always asks: accounting) is taken out again when the client did not ask.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from llm_gateway import wire_json
 from llm_gateway.errors import GatewayError, from_provider_status
 from llm_gateway.providers import parameter_policy
 
@@ -91,7 +93,7 @@ def request_body(model: str, params: dict[str, Any], stream: bool, *, drop: bool
     if usage is not None:
         usage.dropped = prepared.dropped
     assert prepared.body is not None
-    return json.dumps(prepared.body, separators=(",", ":")).encode()
+    return wire_json.dumps(prepared.body)
 
 
 def url_of(model: str, api_base: str | None) -> str:
@@ -144,7 +146,7 @@ async def post_for_json(url: str, body: bytes, api_key: str | None, timeout_s: f
         except aiohttp.ClientError:
             raise malformed() from None
     try:
-        return raw, json.loads(raw, parse_constant=parse_constant)
+        return raw, wire_json.loads(raw, parse_constant)
     except (ValueError, RecursionError):
         raise malformed() from None
 
@@ -223,8 +225,8 @@ async def _events(response: Any, include_usage: bool, usage: Usage) -> AsyncGene
                 if payload == b"[DONE]":
                     return
                 try:
-                    chunk = json.loads(payload)
-                except ValueError:
+                    chunk = wire_json.loads(payload)
+                except (ValueError, RecursionError):
                     raise malformed() from None
                 if not isinstance(chunk, dict):
                     raise malformed()
@@ -237,14 +239,14 @@ async def _events(response: Any, include_usage: bool, usage: Usage) -> AsyncGene
                     usage.usage = chunk["usage"]
                     if include_usage and usage.decorate:
                         usage.decorate(chunk["usage"])
-                        yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+                        yield b"data: " + wire_json.dumps(chunk) + b"\n\n"
                         continue
                 if "usage" in chunk and not include_usage:
                     # requested upstream for accounting, not by the client: OpenAI then puts "usage" (null
                     # until the last chunk) in every chunk, so those few are re-encoded without it
                     del chunk["usage"]
                     if chunk.get("choices"):
-                        yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+                        yield b"data: " + wire_json.dumps(chunk) + b"\n\n"
                     continue
                 yield b"data: " + payload + b"\n\n"
         except TimeoutError:
