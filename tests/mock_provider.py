@@ -32,6 +32,8 @@ Behaviour is chosen by tokens of the upstream ``model`` name, separated by '-' a
 ``reasoning-<n>``  n reasoning tokens, included in the completion tokens (OpenAI also reports them in
                    ``completion_tokens_details.reasoning_tokens``; Anthropic only in ``output_tokens``)
 ``words-<n>``      reply exactly ``"w1 w2 ... wn"`` instead of the echo
+``cookie``         the answer sets a cookie (``Set-Cookie: mock_session=<new id>``), as a CDN in front of a
+                   provider does
 ``...tool...``     if the request has ``tools`` (and tool_choice is not "none"): a call to the first tool
                    (or the one tool_choice names), arguments built from its JSON schema properties
                    (string "mock", number 1, boolean true, ...); finish_reason ``tool_calls`` /
@@ -98,12 +100,13 @@ class Behaviour:
     tool: bool = False
     ctx: bool = False
     policy: bool = False
+    cookie: bool = False
 
     @classmethod
     def parse(cls, model: str) -> Behaviour:
         tokens = model.split("-")
         behaviour = cls(malformed="malformed" in tokens, tool="tool" in model, ctx="ctx" in tokens,
-                        policy="policy" in tokens)
+                        policy="policy" in tokens, cookie="cookie" in tokens)
         for name, value in itertools.pairwise(tokens):
             if name in _NUMERIC and value.isdigit():
                 setattr(behaviour, name, int(value))
@@ -440,6 +443,8 @@ class MockProvider:
             return web.json_response(error(400, "The request body is not a JSON object with a model."),
                                      status=400, headers=headers)
         model, behaviour = body["model"], Behaviour.parse(body["model"])
+        if behaviour.cookie:
+            headers["Set-Cookie"] = f"mock_session={uuid.uuid4().hex}; Path=/"
         await asyncio.sleep(behaviour.slow / 1000)
         if behaviour.err is not None:
             if behaviour.ra is not None:

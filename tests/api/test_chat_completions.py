@@ -5,14 +5,15 @@ Nothing here is mocked but the providers, which are real HTTP servers speaking t
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import httpx
 import openai
 import pytest
 
-from conftest import ALICE_KEY, MAX_BODY_BYTES
-from kong_harness import KongHarness
+from conftest import ALICE_KEY, BOB_KEY, MAX_BODY_BYTES, gateway_config, mock_alias, route_to
+from kong_harness import KongHarness, PluginServerProcess
 from mock_provider import MockProvider
 
 HELLO = [{"role": "user", "content": "Say hello to the gateway"}]
@@ -251,3 +252,25 @@ def test_concurrent_streams_interleave(client: openai.OpenAI) -> None:
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(one, range(8)))
     assert texts == [f"Hello from mock-gpt: stream number {i}" for i in range(8)]
+
+
+def test_a_providers_cookie_never_reaches_another_consumer(plugin_server: PluginServerProcess,
+                                                          mock_provider: MockProvider) -> None:
+    """The provider connections are every consumer's: a cookie one answer sets (a CDN's, say) is neither kept
+    for the next request nor passed to the client, on the lean OpenAI path and through LiteLLM's."""
+    # by host name: a cookie jar takes no cookies from an IP address
+    oa, an = (base.replace("127.0.0.1", "localhost") for base in (mock_provider.openai_base,
+                                                                   mock_provider.anthropic_base))
+    config = dict(gateway_config(mock_provider), models=[mock_alias("cookies", "openai/mock-cookie", oa),
+                                                         mock_alias("cookies-claude", "anthropic/mock-claude-cookie",
+                                                                    an)])
+    calls = [("/v1/chat/completions", "cookies"), ("/v1/chat/completions", "cookies-claude"),
+             ("/v1/messages", "cookies-claude")]
+    with route_to(plugin_server, config) as route:
+        for key in (ALICE_KEY, BOB_KEY, ALICE_KEY):
+            for (path, alias), stream in itertools.product(calls, (False, True)):
+                answer = httpx.post(f"{route.url}{path}", headers={"apikey": key}, timeout=15,
+                                    json={"model": alias, "messages": HELLO, "max_tokens": 20, "stream": stream})
+                assert answer.status_code == 200 and "set-cookie" not in answer.headers, answer.text
+    sent = mock_provider.requests_for("-cookie")
+    assert len(sent) == 18 and not [r for r in sent if "cookie" in r.headers]

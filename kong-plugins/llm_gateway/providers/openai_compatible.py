@@ -77,12 +77,14 @@ class Usage:
 
 
 def session() -> aiohttp.ClientSession:
-    """One connection pool for all provider calls of this process (created on the running loop)."""
+    """One connection pool for all provider calls of this process (created on the running loop). It keeps no
+    cookies: the session is every consumer's, so a cookie a provider (or the CDN in front of it) sets on one
+    consumer's answer must not ride along on the next consumer's request; nor is a jar to filter per request."""
     global _session
     if _session is None or _session.closed:
         _session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True),
-            auto_decompress=True, json_serialize=json.dumps)
+            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=True, json_serialize=json.dumps)
     return _session
 
 
