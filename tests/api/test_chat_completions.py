@@ -261,9 +261,9 @@ def test_a_providers_cookie_never_reaches_another_consumer(plugin_server: Plugin
     # by host name: a cookie jar takes no cookies from an IP address
     oa, an = (base.replace("127.0.0.1", "localhost") for base in (mock_provider.openai_base,
                                                                    mock_provider.anthropic_base))
-    config = dict(gateway_config(mock_provider), models=[mock_alias("cookies", "openai/mock-cookie", oa),
-                                                         mock_alias("cookies-claude", "anthropic/mock-claude-cookie",
-                                                                    an)])
+    models = [mock_alias("cookies", "openai/mock-cookie", oa),
+              mock_alias("cookies-claude", "anthropic/mock-claude-cookie", an)]
+    config = dict(gateway_config(mock_provider), budgets=[], models=models)  # no budgets: earlier tests spend bob's
     calls = [("/v1/chat/completions", "cookies"), ("/v1/chat/completions", "cookies-claude"),
              ("/v1/messages", "cookies-claude")]
     with route_to(plugin_server, config) as route:
