@@ -245,7 +245,7 @@ async def _events(response: Any, include_usage: bool, usage: Usage) -> AsyncGene
                         continue
                 if "usage" in chunk and not include_usage:
                     # requested upstream for accounting, not by the client: OpenAI then puts "usage" (null
-                    # until the last chunk) in every chunk, so those few are re-encoded without it
+                    # until the last chunk) in every chunk, so every chunk is re-encoded without it
                     del chunk["usage"]
                     if chunk.get("choices"):
                         yield b"data: " + wire_json.dumps(chunk) + b"\n\n"
